@@ -1,0 +1,77 @@
+"""BraTS conventions in one place: modality names and channel order, labels, regions.
+
+Every other module maps names to channels through this file, never by hard-coded position.
+Channel order of the network input (written into the bundle's ``channel_def``):
+``flair, t1, t1ce, t2``. Region output channels: ``wt, tc, et``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+"""Canonical modality names, in network channel order."""
+
+REGIONS: tuple[str, ...] = ("wt", "tc", "et")
+"""Evaluation regions, in network output channel order."""
+
+# File-name suffix of each modality in the two BraTS folder layouts.
+BRATS2021_SUFFIX: dict[str, str] = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", "label": "seg"}
+BRATS2023_SUFFIX: dict[str, str] = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "label": "seg"}
+
+NCR, ED = 1, 2
+VALID_ET_LABELS = (3, 4)
+HD95_EMPTY = 373.13
+"""BraTS convention: HD95 when exactly one of prediction / ground truth is empty."""
+
+
+def check_et_label(et_label: int) -> int:
+    """Return ``et_label`` if it is a valid enhancing-tumour label (4 for BraTS ≤2022, 3 for 2023+)."""
+    if int(et_label) not in VALID_ET_LABELS:
+        raise ValueError(f"et_label must be 4 (BraTS 2017-2022) or 3 (BraTS 2023+), got {et_label!r}")
+    return int(et_label)
+
+
+def label_set(et_label: int = 4) -> tuple[int, ...]:
+    """Allowed voxel values of a label map."""
+    return (0, NCR, ED, check_et_label(et_label))
+
+
+def labels_to_regions(label: np.ndarray | torch.Tensor, et_label: int = 4):
+    """Label map (..., spatial) -> stacked region masks (3, ...) in ``REGIONS`` order.
+
+    WT = {1, 2, ET}, TC = {1, ET}, ET = {ET}. Works on numpy arrays and tensors alike.
+    """
+    et_label = check_et_label(et_label)
+    if isinstance(label, torch.Tensor):
+        wt = (label == NCR) | (label == ED) | (label == et_label)
+        tc = (label == NCR) | (label == et_label)
+        et = label == et_label
+        return torch.stack([wt, tc, et], dim=0)
+    lab = np.asarray(label)
+    wt = (lab == NCR) | (lab == ED) | (lab == et_label)
+    tc = (lab == NCR) | (lab == et_label)
+    et = lab == et_label
+    return np.stack([wt, tc, et], axis=0)
+
+
+def regions_to_labels(regions: np.ndarray | torch.Tensor, et_label: int = 4):
+    """Region masks (3, ...) in ``REGIONS`` order -> uint8 BraTS label map.
+
+    ET where the ET channel is on, else NCR where TC, else ED where WT, else 0.
+    """
+    et_label = check_et_label(et_label)
+    if isinstance(regions, torch.Tensor):
+        r = regions.bool()
+        out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
+        out[r[0]] = ED
+        out[r[1]] = NCR
+        out[r[2]] = et_label
+        return out
+    r = np.asarray(regions).astype(bool)
+    out = np.zeros(r.shape[1:], dtype=np.uint8)
+    out[r[0]] = ED
+    out[r[1]] = NCR
+    out[r[2]] = et_label
+    return out

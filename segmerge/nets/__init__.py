@@ -1,0 +1,1 @@
+"""segmerge.nets"""
