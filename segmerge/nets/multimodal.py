@@ -1,0 +1,375 @@
+"""Late-fusion multimodal U-Net with deep supervision and one auxiliary head per modality.
+
+Structure (parameter-name prefixes in brackets, so the training step can read the structure)::
+
+    x[:, m] -> encoder of m [encoders.<m>.levels.<l>]       one per modality, levels 0..L
+              features E_m,l at resolution 1/2^l
+    fusion at every level l:  F_l = sum_m a_m E_m,l / max(1, sum_m a_m)     (fusion="mean")
+              a_m the availability mask; a missing sequence is masked out, not averaged in as 0
+    decoder [decoder.ups.<l>]  h_L = F_L,  h_l = UnetUpBlock(h_{l+1}, skip F_l)
+    heads   [heads.d<l>]       fused.d<l> = 1x1x1 conv of h_l, l = 0 .. deep_supervision-1
+    aux     [aux_heads.<m>]    modality.<m>: a light decoder on E_m only (levels L .. aux_level)
+                               predicting the regions at resolution 1/2^aux_level
+
+Train mode returns every head by name; eval mode returns only ``fused.d0`` (full resolution)
+and computes neither the coarser fused heads nor the auxiliary decoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from torch import nn
+
+from segmerge.conventions import MODALITIES, REGIONS
+from segmerge.nets._common import check_features, check_input, check_norm, suggest
+
+__all__ = ["MultiModalDSNet", "ModalityEncoder", "AuxDecoder"]
+
+FUSIONS = ("mean", "max")
+
+
+class ModalityEncoder(nn.Module):
+    """Single-channel 3D encoder: one ``UnetBasicBlock`` per level, stride 2 from level 1 on.
+
+    Args:
+        features: width of each level (level 0 at full resolution).
+        norm: MONAI normalisation spec.
+        act: MONAI activation spec.
+        dropout: dropout probability inside the blocks (None or 0 for none).
+    """
+
+    def __init__(
+        self,
+        features: Sequence[int],
+        norm: str | tuple,
+        act: str | tuple,
+        dropout: float | None,
+    ) -> None:
+        super().__init__()
+        levels = []
+        in_ch = 1
+        for level, width in enumerate(features):
+            levels.append(
+                UnetBasicBlock(
+                    spatial_dims=3,
+                    in_channels=in_ch,
+                    out_channels=width,
+                    kernel_size=3,
+                    stride=1 if level == 0 else 2,
+                    norm_name=norm,
+                    act_name=act,
+                    dropout=dropout,
+                )
+            )
+            in_ch = width
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Return the features of every level, finest first."""
+        feats: list[torch.Tensor] = []
+        for block in self.levels:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+
+class AuxDecoder(nn.Module):
+    """Light per-modality decoder: up blocks from the bottleneck to ``aux_level``, then a 1x1 head.
+
+    Reuses the modality's own encoder features as skips, so it sees that modality alone.
+
+    Args:
+        features: the encoder widths (levels 0..L).
+        aux_level: resolution level of the output (0 = full, 1 = half, ...).
+        out_channels: number of region channels.
+        norm: MONAI normalisation spec.
+        act: MONAI activation spec.
+        dropout: dropout probability (None for none).
+    """
+
+    def __init__(
+        self,
+        features: Sequence[int],
+        aux_level: int,
+        out_channels: int,
+        norm: str | tuple,
+        act: str | tuple,
+        dropout: float | None,
+    ) -> None:
+        super().__init__()
+        top = len(features) - 1
+        self.aux_level = aux_level
+        self.ups = nn.ModuleList(
+            UnetUpBlock(
+                spatial_dims=3,
+                in_channels=features[level + 1],
+                out_channels=features[level],
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm,
+                act_name=act,
+                dropout=dropout,
+            )
+            for level in range(top - 1, aux_level - 1, -1)
+        )
+        self.out = UnetOutBlock(
+            spatial_dims=3, in_channels=features[aux_level], out_channels=out_channels
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Decode one modality's encoder features ``feats`` (finest first) to region logits."""
+        h = feats[-1]
+        level = len(feats) - 2
+        for up in self.ups:
+            h = up(h, feats[level])
+            level -= 1
+        return self.out(h)
+
+
+class MultiModalDSNet(nn.Module):
+    """Per-modality encoders, availability-masked fusion, deep-supervised decoder, aux heads.
+
+    ``forward(x, available=None)``: ``x`` is ``(B, M, H, W, D)`` with the modalities in
+    ``modalities`` order, ``available`` a ``(B, M)`` bool mask (None = all present). In eval mode
+    it returns one ``(B, out_channels, H, W, D)`` tensor of region logits (for sliding-window
+    inference, MONAI bundle checks and ``torch.jit.trace``/``script`` export); in train mode a
+    dict of named head logits: ``fused.d0`` (full resolution), ``fused.d1`` (half), ...,
+    ``modality.<m>`` at resolution ``1/2**aux_level``. :meth:`forward_heads` returns that dict in
+    either mode (used for held-out per-head losses).
+
+    Fusion (at every encoder level): ``"mean"`` is the mean over the available modalities'
+    features (denominator = number available, clamped to >= 1, so a sample with nothing available
+    gets zero features); ``"max"`` is the element-wise max over the available ones (zero if none).
+    A missing modality is masked with ``masked_fill``, so its channel values (even NaN) cannot
+    reach the fused path.
+
+    Args:
+        modalities: modality names in input channel order (default ``MODALITIES``).
+        out_channels: region channels predicted by every head (default 3: ``wt, tc, et``).
+        features: encoder widths per level, finest first; ``len(features) - 1`` stride-2
+            downsamplings, so patch sizes must be divisible by ``2 ** (len(features) - 1)``.
+            The fusion decoder uses the same widths. Default ``(8, 16, 32, 64)``.
+        deep_supervision: number of fused heads ``fused.d0 .. fused.d{n-1}``, between 1 and
+            ``len(features) - 1``. Default 3.
+        norm: MONAI normalisation name or ``(name, kwargs)``. Default ``"instance"``.
+        dropout: dropout probability inside every conv block. Default 0.
+        fusion: ``"mean"`` or ``"max"`` (masked by availability). Default ``"mean"``.
+        aux_level: resolution level of the auxiliary modality heads (0 = full resolution,
+            1 = half, ...); lower is more accurate and more expensive. Default 2 (quarter).
+        act: MONAI activation spec. Default leaky ReLU (slope 0.01), as in nnU-Net.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        out_channels: int = len(REGIONS),
+        features: Sequence[int] = (8, 16, 32, 64),
+        deep_supervision: int = 3,
+        norm: str | tuple = "instance",
+        dropout: float = 0.0,
+        fusion: str = "mean",
+        aux_level: int = 2,
+        act: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+    ) -> None:
+        super().__init__()
+        mods = tuple(str(m) for m in modalities)
+        if not mods or len(set(mods)) != len(mods):
+            raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
+        feats = check_features(features)
+        depth = len(feats) - 1
+        if not 1 <= int(deep_supervision) <= depth:
+            raise ValueError(
+                f"deep_supervision must be between 1 and len(features) - 1 = {depth} "
+                f"(one fused head per decoder level), got {deep_supervision!r}"
+            )
+        if not 0 <= int(aux_level) <= depth:
+            raise ValueError(f"aux_level must be between 0 and {depth}, got {aux_level!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(
+                f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
+            )
+        if int(out_channels) < 1:
+            raise ValueError(f"out_channels must be >= 1, got {out_channels!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_norm(norm)
+        drop = float(dropout) if dropout else None
+
+        self.modalities = mods
+        self.out_channels = int(out_channels)
+        self.features = feats
+        self.deep_supervision = int(deep_supervision)
+        self.fusion = fusion
+        self.aux_level = int(aux_level)
+        self.divisor = 2**depth
+        self._config = {
+            "modalities": mods,
+            "out_channels": self.out_channels,
+            "features": feats,
+            "deep_supervision": self.deep_supervision,
+            "norm": norm,
+            "dropout": float(dropout),
+            "fusion": fusion,
+            "aux_level": self.aux_level,
+        }
+
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(feats, norm, act, drop) for m in mods})
+        self.decoder = nn.Module()
+        # decoder.ups[i] goes from level depth-i to level depth-i-1 (coarsest first).
+        self.decoder.ups = nn.ModuleList(
+            UnetUpBlock(
+                spatial_dims=3,
+                in_channels=feats[level + 1],
+                out_channels=feats[level],
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm,
+                act_name=act,
+                dropout=drop,
+            )
+            for level in range(depth - 1, -1, -1)
+        )
+        self.heads = nn.ModuleDict(
+            {
+                f"d{level}": UnetOutBlock(
+                    spatial_dims=3, in_channels=feats[level], out_channels=self.out_channels
+                )
+                for level in range(self.deep_supervision)
+            }
+        )
+        self.aux_heads = nn.ModuleDict(
+            {m: AuxDecoder(feats, self.aux_level, self.out_channels, norm, act, drop) for m in mods}
+        )
+
+    # ------------------------------------------------------------------ description
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+
+    @torch.jit.unused
+    def output_names(self) -> list[str]:
+        """Names of the train-mode outputs, in objective order."""
+        return [f"fused.d{d}" for d in range(self.deep_supervision)] + [
+            f"modality.{m}" for m in self.modalities
+        ]
+
+    @torch.jit.unused
+    def output_scales(self) -> dict[str, int]:
+        """Downsampling factor of each train-mode output relative to the input (1 = full)."""
+        scales = {f"fused.d{d}": 2**d for d in range(self.deep_supervision)}
+        scales.update({f"modality.{m}": 2**self.aux_level for m in self.modalities})
+        return scales
+
+    @torch.jit.unused
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names grouped by component: ``encoders.<m>``, ``aux_heads.<m>``, ``decoder``, ``heads``.
+
+        ``modality.<m>`` reaches exactly ``encoders.<m>`` and ``aux_heads.<m>``; every
+        ``fused.d<l>`` reaches all encoders, part of the decoder and its own head.
+        """
+        groups: dict[str, list[str]] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            key = ".".join(parts[:2]) if parts[0] in ("encoders", "aux_heads") else parts[0]
+            groups.setdefault(key, []).append(name)
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        n_mod = len(self.modalities)
+        if available is None:
+            return torch.ones(x.shape[0], n_mod, dtype=torch.bool, device=x.device)
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            if (
+                available.dim() != 2
+                or available.shape[0] != x.shape[0]
+                or available.shape[1] != n_mod
+            ):
+                raise ValueError(
+                    f"available must be (B, M) = ({x.shape[0]}, {n_mod}) bool, "
+                    f"got shape {tuple(available.shape)}"
+                )
+        # The mask comes from the data loader on the host: copying it is not a device sync.
+        return available.to(device=x.device, dtype=torch.bool)
+
+    def _encode(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Run every encoder and fuse the available ones level by level."""
+        per_mod: list[list[torch.Tensor]] = []
+        for idx, enc in enumerate(self.encoders.values()):
+            per_mod.append(enc(x[:, idx : idx + 1]))
+        fused: list[torch.Tensor] = []
+        # Written by hand (no MONAI block for masked fusion): masked_fill, not multiplication,
+        # so that a missing channel's features - even inf/NaN - contribute exactly nothing.
+        for level in range(len(self.features)):
+            if self.fusion == "max":
+                # -inf for missing entries; a sample with nothing available is reset to 0 below.
+                acc = per_mod[0][level].masked_fill(~mask[:, 0].view(-1, 1, 1, 1, 1), float("-inf"))
+                for idx in range(1, len(per_mod)):
+                    missing = ~mask[:, idx].view(-1, 1, 1, 1, 1)
+                    acc = torch.maximum(
+                        acc, per_mod[idx][level].masked_fill(missing, float("-inf"))
+                    )
+                acc = acc.masked_fill(~mask.any(dim=1).view(-1, 1, 1, 1, 1), 0.0)
+            else:
+                acc = per_mod[0][level].masked_fill(~mask[:, 0].view(-1, 1, 1, 1, 1), 0.0)
+                for idx in range(1, len(per_mod)):
+                    missing = ~mask[:, idx].view(-1, 1, 1, 1, 1)
+                    acc = acc + per_mod[idx][level].masked_fill(missing, 0.0)
+                count = mask.sum(dim=1).clamp(min=1).to(acc.dtype).view(-1, 1, 1, 1, 1)
+                acc = acc / count
+            fused.append(acc)
+        return fused, per_mod
+
+    def _decode(self, fused: list[torch.Tensor], n_levels: int) -> list[torch.Tensor]:
+        """Decoder outputs of levels ``0 .. n_levels-1``, finest first (every up block runs)."""
+        top = len(fused) - 1
+        h = fused[top]
+        outs: list[torch.Tensor] = []
+        level = top - 1
+        for up in self.decoder.ups:
+            h = up(h, fused[level])
+            outs.insert(0, h)
+            level -= 1
+        return outs[:n_levels]
+
+    def forward_heads(
+        self, x: torch.Tensor, available: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every head's logits by name, whatever the mode (see the class docstring)."""
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            check_input(x, len(self.modalities), self.divisor, self.modalities)
+        mask = self._mask(x, available)
+        fused, per_mod = self._encode(x, mask)
+        dec = self._decode(fused, self.deep_supervision)
+        out: dict[str, torch.Tensor] = {}
+        for level, head in enumerate(self.heads.values()):
+            out["fused.d" + str(level)] = head(dec[level])
+        idx = 0
+        for name, aux in self.aux_heads.items():
+            out["modality." + name] = aux(per_mod[idx])
+            idx += 1
+        return out
+
+    def forward(
+        self, x: torch.Tensor, available: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Train mode: dict of named head logits. Eval mode: ``fused.d0`` logits only.
+
+        Args:
+            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
+            available: ``(B, M)`` bool availability mask; None means every modality present.
+        """
+        if self.training:
+            return self.forward_heads(x, available)
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            check_input(x, len(self.modalities), self.divisor, self.modalities)
+        mask = self._mask(x, available)
+        fused, _ = self._encode(x, mask)
+        dec = self._decode(fused, 1)
+        return self.heads["d0"](dec[0])
