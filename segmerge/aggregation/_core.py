@@ -1,0 +1,389 @@
+"""What every aggregator shares: the Gramian, the masked merge, the result, the base class.
+
+Every method in this package turns the Gramian ``G = J Jᵀ`` (K×K) into a coefficient matrix
+``C`` (K×K) whose rows give the projected rows ``p_i = Σ_j C_ij g_j``; the update is then one
+combination of the rows of ``J``::
+
+    update = merge_scale(shared, K, masked) ⊙ (Jᵀ · C.sum(0))
+
+so an aggregation reads ``J`` twice (once for ``G``, once for the combination) and does only
+K×K arithmetic in between. Nothing here calls ``.item()`` or branches in Python on a tensor
+value, so the same code runs on CUDA without host-device synchronisation and compiles with
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AggregationResult",
+    "Aggregator",
+    "Coefficients",
+    "combine",
+    "gramian",
+    "merge_scale",
+]
+
+
+def gramian(J: Tensor, reference: Tensor | None = None) -> Tensor:
+    """Gramian ``J Jᵀ`` (K×K), optionally extended by a reference row to (K+1)×(K+1).
+
+    Computed with one matrix product in the dtype of ``J`` (one read of ``J``). With a
+    ``reference`` vector r (D,), the result is the Gramian of ``[J; r]`` built without copying
+    ``J``: ``[[J Jᵀ, J r], [rᵀ Jᵀ, r·r]]`` (one more read of ``J`` for ``J r``).
+
+    Args:
+        J: (K, D) Jacobian, one row per objective.
+        reference: optional (D,) vector appended as the last row.
+
+    Example:
+        >>> import torch
+        >>> gramian(torch.tensor([[1.0, 2.0], [3.0, 1.0]]))
+        tensor([[ 5.,  5.],
+                [ 5., 10.]])
+    """
+    G = J @ J.T
+    if reference is None:
+        return G
+    r = J @ reference
+    rr = (reference @ reference).reshape(1, 1)
+    top = torch.cat([G, r[:, None]], dim=1)
+    bottom = torch.cat([r[None, :], rr], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def merge_scale(
+    shared: Tensor | None,
+    K: int,
+    masked: bool,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-parameter factor of the masked merge: ``1/K`` on shared entries, 1 elsewhere.
+
+    The masked merge (GMD, GradCraft) averages the projected rows on parameters that every
+    objective reaches and sums them elsewhere, so ``update = merge_scale(...) ⊙ (Jᵀ c)``.
+    Without masking (Sum, Mean, Blending, PCGrad by default) the factor is 1. ``shared=None``
+    means *every* parameter is shared (one trunk reached by all objectives).
+
+    A training step that combines per parameter tensor can use the scalar form directly:
+    ``1/K`` for a tensor every objective reaches, 1 otherwise.
+
+    Args:
+        shared: (D,) bool mask, True where every objective reaches the parameter; or None.
+        K: number of objectives (rows of J) in this step.
+        masked: whether the aggregator uses the masked merge.
+        dtype: dtype of the returned factor (default: float32 / that of ``shared``'s use).
+        device: device of the returned factor (default: that of ``shared``).
+
+    Returns:
+        A (D,) tensor when ``masked`` and ``shared`` is given, else a 0-d tensor.
+
+    Example:
+        >>> merge_scale(torch.tensor([True, False]), K=4, masked=True)
+        tensor([0.2500, 1.0000])
+        >>> merge_scale(None, K=4, masked=True)
+        tensor(0.2500)
+    """
+    dtype = dtype or torch.get_default_dtype()
+    device = device if device is not None else (shared.device if shared is not None else None)
+    if not masked:
+        return torch.ones((), dtype=dtype, device=device)
+    inv_k = torch.full((), 1.0 / K, dtype=dtype, device=device)
+    if shared is None:
+        return inv_k
+    return torch.where(shared.to(device), inv_k, torch.ones((), dtype=dtype, device=device))
+
+
+def combine(
+    J: Tensor,
+    c: Tensor,
+    shared: Tensor | None = None,
+    masked: bool = False,
+    nonfinite: Tensor | None = None,
+) -> Tensor:
+    """The one combination: ``merge_scale(shared, K, masked) ⊙ (Jᵀ c)``, NaN-safe.
+
+    Reads ``J`` once (``c @ J``); the merge scaling and the non-finite guard are in-place
+    passes over the (D,) result.
+
+    Args:
+        J: (K, D) Jacobian.
+        c: (K,) combination weights, ``C.sum(0)``.
+        shared: (D,) bool mask of shared parameters, or None (all shared).
+        masked: apply the masked merge (mean on shared, sum elsewhere).
+        nonfinite: optional 0-d bool tensor; where True the update is all zeros.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
+        >>> combine(J, torch.ones(2), torch.tensor([True, False]), masked=True)
+        tensor([2., 3.])
+    """
+    K = J.shape[0]
+    update = c.to(J.dtype) @ J
+    if masked:
+        if shared is None:
+            update.mul_(1.0 / K)
+        else:
+            # update_d *= 1/K where shared: one fused in-place pass (no boolean indexing, no sync)
+            update.addcmul_(shared.to(update.dtype), update, value=1.0 / K - 1.0)
+    if nonfinite is not None:
+        update.masked_fill_(nonfinite, 0.0)
+    return update
+
+
+class Coefficients(NamedTuple):
+    """K-space output of an aggregator for one step.
+
+    Attributes:
+        C: (K, K) coefficient matrix, rows ``p_i = Σ_j C_ij g_j``.
+        alpha: (K, K) conflict coefficients that were applied (method-specific, see each method).
+        nonfinite: 0-d bool tensor, True when the Gramian had NaN/Inf (then C and alpha are 0).
+    """
+
+    C: Tensor
+    alpha: Tensor
+    nonfinite: Tensor
+
+
+@dataclass
+class AggregationResult:
+    """One aggregation step: the update and what the aggregator saw.
+
+    Attributes:
+        update: (D,) the aggregated gradient (zeros when ``nonfinite``).
+        C: (K, K) coefficient matrix, projected rows ``p_i = Σ_j C_ij g_j``.
+        weights: (K,) effective weight of each ``g_j`` in the update before the merge scaling,
+            ``C.sum(0)``.
+        cosine: (K, K) cosine similarity of the rows (0 where a row has zero norm).
+        alpha: (K, K) applied conflict coefficients (GMD/PCGrad: the projection coefficients
+            α_ij; GradCraft: the projection weights w_ij in the conflicting pairs' entries;
+            zeros for methods that do not project).
+        n_conflicts: 0-d int64 tensor, number of pairs i<j with ``g_i·g_j < 0``.
+        norms: (K,) Euclidean norm of each row.
+        nonfinite: 0-d bool tensor, True when J (or its Gramian) had NaN/Inf.
+        names: the objective names of the rows, or None.
+    """
+
+    update: Tensor
+    C: Tensor
+    weights: Tensor
+    cosine: Tensor
+    alpha: Tensor
+    n_conflicts: Tensor
+    norms: Tensor
+    nonfinite: Tensor
+    names: list[str] | None = None
+
+    @classmethod
+    def from_gramian(
+        cls,
+        update: Tensor,
+        G: Tensor,
+        coefficients: Coefficients,
+        names: Sequence[str] | None = None,
+    ) -> AggregationResult:
+        """Assemble the result (with diagnostics from ``G``) for an update computed elsewhere.
+
+        A training step that computes the Gramian and the combination itself (e.g. per
+        parameter tensor) calls ``agg.coefficients(G, names)`` and then this.
+
+        Args:
+            update: the (D,) update (or any tensor the caller wants to carry).
+            G: the Gramian the coefficients were computed from ((K+1)×(K+1) for an aggregator
+                that needs a reference row; only the top-left K×K block is used).
+            coefficients: the output of ``Aggregator.coefficients``.
+            names: the row names.
+        """
+        C = coefficients.C
+        K = C.shape[0]
+        Gk = G[:K, :K].to(C.dtype)
+        Gk = torch.where(coefficients.nonfinite, torch.zeros_like(Gk), Gk)
+        norms = torch.diagonal(Gk).clamp_min(0).sqrt()
+        outer = norms[:, None] * norms[None, :]
+        cosine = torch.where(outer > 0, Gk / torch.where(outer > 0, outer, 1), 0)
+        n_conflicts = torch.triu(Gk < 0, diagonal=1).sum()
+        return cls(
+            update=update,
+            C=C,
+            weights=C.sum(0),
+            cosine=cosine,
+            alpha=coefficients.alpha,
+            n_conflicts=n_conflicts,
+            norms=norms,
+            nonfinite=coefficients.nonfinite,
+            names=list(names) if names is not None else None,
+        )
+
+
+def _kspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    """K×K arithmetic runs in float64 for float64 input and in float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_names(names: Sequence[str] | None, K: int) -> list[str] | None:
+    """Validate row names (one distinct string per row)."""
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) != K:
+        raise ValueError(f"names must have one entry per row of J: got {len(names)} names for K={K}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {names}")
+    return names
+
+
+def state_keys(names: Sequence[str] | None, K: int) -> list[str]:
+    """Keys of per-objective state: the names, or the row positions ``"0".."K-1"``."""
+    return list(names) if names is not None else [str(i) for i in range(K)]
+
+
+class Aggregator:
+    """Base class: Gramian -> coefficient matrix C -> one combination.
+
+    Subclasses implement ``_coefficients(G, names, nonfinite) -> (C, alpha)`` on a finite
+    K×K Gramian (the base class replaces a non-finite Gramian by zeros, zeroes C and alpha and
+    reports ``nonfinite``; stateful subclasses must leave their state unchanged when
+    ``nonfinite`` is True, using ``torch.where``). Configuration is returned by ``_config()``
+    and reproduced by ``repr()``.
+
+    Attributes:
+        masked_merge: True when the update is averaged over objectives on shared parameters
+            and summed elsewhere (see :func:`merge_scale`).
+        needs_reference: True when ``__call__`` needs ``reference`` (the (D,) gradient of a
+            validation objective) and ``coefficients`` the Gramian extended by that row.
+    """
+
+    masked_merge: bool = False
+    needs_reference: bool = False
+
+    # -- configuration -------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- K-space ----------------------------------------------------------------------------
+    def _coefficients(
+        self, G: Tensor, names: list[str] | None, nonfinite: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def coefficients(self, G: Tensor, names: Sequence[str] | None = None) -> Coefficients:
+        """Coefficient matrix C from the Gramian alone (advances the state by one step).
+
+        Args:
+            G: (K, K) Gramian ``J Jᵀ``; (K+1, K+1) with the reference row last when
+                ``needs_reference``.
+            names: optional row names (keys of per-objective state).
+
+        Returns:
+            :class:`Coefficients` ``(C, alpha, nonfinite)``.
+        """
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"G must be a square (K, K) Gramian, got shape {tuple(G.shape)}")
+        K = G.shape[0] - (1 if self.needs_reference else 0)
+        if K < 1:
+            raise ValueError(f"{type(self).__name__} needs at least one objective, got K={K}")
+        names = check_names(names, K)
+        Gk = G.to(_kspace_dtype(G.dtype))
+        nonfinite = ~torch.isfinite(Gk).all()
+        Gk = torch.where(nonfinite, torch.zeros_like(Gk), Gk)
+        C, alpha = self._coefficients(Gk, names, nonfinite)
+        C = torch.where(nonfinite, torch.zeros_like(C), C)
+        alpha = torch.where(nonfinite, torch.zeros_like(alpha), alpha)
+        return Coefficients(C, alpha, nonfinite)
+
+    def __call__(
+        self,
+        J: Tensor,
+        shared: Tensor | None = None,
+        names: Sequence[str] | None = None,
+        reference: Tensor | None = None,
+    ) -> AggregationResult:
+        """Aggregate the rows of ``J`` into one update.
+
+        Args:
+            J: (K, D) floating tensor, one row ``g_i = ∇θ L_i`` per objective.
+            shared: (D,) bool mask, True on parameters every objective reaches (decided per
+                parameter tensor); None means every parameter is shared.
+            names: optional list of K distinct objective names (e.g. ``fused.d0``,
+                ``modality.flair``); stateful aggregators key their state by them.
+            reference: (D,) gradient of the fused objective on a validation batch; required
+                when ``needs_reference``, ignored otherwise.
+
+        Returns:
+            :class:`AggregationResult`.
+        """
+        if J.ndim != 2 or not J.is_floating_point():
+            raise ValueError(
+                f"J must be a 2-D floating (K, D) tensor, got shape {tuple(J.shape)} dtype {J.dtype}"
+            )
+        if shared is not None and (shared.shape != (J.shape[1],) or shared.dtype != torch.bool):
+            raise ValueError(
+                f"shared must be a ({J.shape[1]},) bool tensor, got shape {tuple(shared.shape)} "
+                f"dtype {shared.dtype}"
+            )
+        if self.needs_reference:
+            if reference is None:
+                raise ValueError(f"{self!r} needs reference=: the (D,) validation gradient")
+            if reference.shape != (J.shape[1],):
+                raise ValueError(
+                    f"reference must have shape ({J.shape[1]},), got {tuple(reference.shape)}"
+                )
+            G = gramian(J, reference.to(J.dtype))
+        else:
+            G = gramian(J)
+        co = self.coefficients(G, names)
+        update = combine(J, co.C.sum(0), shared, self.masked_merge, co.nonfinite)
+        return AggregationResult.from_gramian(update, G, co, names)
+
+    # -- state --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all state: the next call behaves like the first."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State as tensors and plain Python values (loadable with ``weights_only=True``)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected keys {sorted(expected)}, "
+                f"got {sorted(state)}"
+            )
+
+
+def check_choice(owner: str, param: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ValueError naming ``param`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{owner}: {param} must be one of {list(choices)}, got {value!r}{hint}")
+
+
+def check_range(
+    owner: str, param: str, value: float, lo: float, hi: float | None, hi_open: bool
+) -> float:
+    """Raise ValueError naming ``param``, the rule and the value when out of range."""
+    v = float(value)
+    ok = v >= lo and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        if hi is None:
+            rule = f">= {lo:g}"
+        else:
+            rule = f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{owner}: {param} must be {rule}, got {value!r}")
+    return v
