@@ -123,7 +123,10 @@ def make_phantom_case(
 
     # ---- tumour parameters -------------------------------------------------------------
     u = rng.random()
-    has_et, has_ncr = u >= P_NO_ENHANCING, not (P_NO_ENHANCING <= u < P_NO_ENHANCING + P_NO_NECROSIS)
+    has_et, has_ncr = (
+        u >= P_NO_ENHANCING,
+        not (P_NO_ENHANCING <= u < P_NO_ENHANCING + P_NO_NECROSIS),
+    )
     wt_cc = float(np.exp(rng.uniform(*np.log(WT_VOLUME_CC))))
     # Edema covers the tumour core and stretches along WM: its nominal sphere is a bit smaller
     # than the target volume's sphere.
@@ -149,12 +152,12 @@ def make_phantom_case(
     coords = [center[i] + (g / sp[i]) * s for i, g in enumerate((gx, gy, gz))]
     coords = np.stack(np.broadcast_arrays(*coords)).astype(np.float32)
 
-    def warp(a: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
-
-    t1_t, gm, wm, csf = (warp(a) for a in (anat.t1, anat.gm, anat.wm, anat.csf))
-    mask = warp(anat.mask.astype(np.float32)) > 0.5
-    del coords
+    t1_t, gm, wm, csf, mask_f = (
+        ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
+        for a in (anat.t1, anat.gm, anat.wm, anat.csf, anat.mask.astype(np.float32))
+    )
+    mask = mask_f > 0.5
+    del coords, mask_f
 
     # ---- tumour shape ------------------------------------------------------------------------
     rot = _random_rotation(rng)
@@ -187,7 +190,10 @@ def make_phantom_case(
     def draw(v: float | tuple[float, float]) -> float:
         return float(rng.uniform(*v)) if isinstance(v, tuple) else float(v)
 
-    means = {t: {m: draw(v) * rng.uniform(0.92, 1.08) for m, v in col.items()} for t, col in TISSUE_MEANS.items()}
+    means = {
+        t: {m: draw(v) * rng.uniform(0.92, 1.08) for m, v in col.items()}
+        for t, col in TISSUE_MEANS.items()
+    }
     frac_sum = np.maximum(wm + gm + csf, 1e-3)
     tex = 1.0 + 0.05 * _smooth_noise(rng, shape, 10)
     images: dict[str, np.ndarray] = {}
@@ -195,14 +201,20 @@ def make_phantom_case(
         mix = (wm * means["wm"][m] + gm * means["gm"][m] + csf * means["csf"][m]) / frac_sum
         if m in ("t1", "t1ce"):
             # Real template contrast, rescaled per tissue to this case's (jittered) means.
-            ratio = sum(
-                f * means[t][m] / _TEMPLATE_T1[t] for t, f in (("wm", wm), ("gm", gm), ("csf", csf))
-            ) / frac_sum
+            ratio = (
+                sum(
+                    f * means[t][m] / _TEMPLATE_T1[t]
+                    for t, f in (("wm", wm), ("gm", gm), ("csf", csf))
+                )
+                / frac_sum
+            )
             healthy = t1_t * ratio
         else:
             healthy = mix
         img = np.where(mask, healthy, 0.0).astype(np.float32)
-        img[edema] = (1 - EDEMA_INFILTRATION) * img[edema] + EDEMA_INFILTRATION * means["edema"][m] * tex[edema]
+        img[edema] = (1 - EDEMA_INFILTRATION) * img[edema] + EDEMA_INFILTRATION * means["edema"][
+            m
+        ] * tex[edema]
         img[ncr] = means["necrosis"][m] * tex[ncr]
         img[enh] = means["enhancing"][m] * tex[enh]
         # Acquisition: bias field, blur, gain, Rician noise, skull-stripped background.
