@@ -17,8 +17,17 @@ Stateful API (what the training step uses)::
     result.update, result.C, result.alpha, result.n_conflicts
 """
 
+from ._blending import (
+    Blending,
+    OGRTracker,
+    blending_gradient_products,
+    gradient_blending_weights,
+    head_of,
+    interval_blending_weights,
+)
 from ._core import AggregationResult, Aggregator, Coefficients, combine, gramian, merge_scale
 from ._gmd import GMD, gmd_coefficients
+from ._gradcraft import GradCraft, gradcraft_coefficients, magnitude_scales
 from ._mean import Mean, mean_coefficients
 from ._pcgrad import PCGrad, pcgrad_coefficients
 from ._projection import projection_coefficients
@@ -29,16 +38,25 @@ __all__ = [
     "AGGREGATORS",
     "AggregationResult",
     "Aggregator",
+    "Blending",
     "Coefficients",
     "GMD",
+    "GradCraft",
     "Mean",
+    "OGRTracker",
     "PCGrad",
     "Sum",
     "aggregate",
+    "blending_gradient_products",
     "build_aggregator",
     "combine",
     "gmd_coefficients",
+    "gradcraft_coefficients",
+    "gradient_blending_weights",
     "gramian",
+    "head_of",
+    "interval_blending_weights",
+    "magnitude_scales",
     "mean_coefficients",
     "merge_scale",
     "pcgrad_coefficients",

@@ -235,7 +235,9 @@ def check_names(names: Sequence[str] | None, K: int) -> list[str] | None:
         return None
     names = list(names)
     if len(names) != K:
-        raise ValueError(f"names must have one entry per row of J: got {len(names)} names for K={K}")
+        raise ValueError(
+            f"names must have one entry per row of J: got {len(names)} names for K={K}"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"names must be distinct, got {names}")
     return names

@@ -65,7 +65,9 @@ def _check_order(owner: str, order: Any) -> Any:
     if order is None or order in ("identity", "random"):
         return order
     if isinstance(order, str):
-        raise ValueError(f"{owner}: order must be 'identity', 'random' or a permutation list, got {order!r}")
+        raise ValueError(
+            f"{owner}: order must be 'identity', 'random' or a permutation list, got {order!r}"
+        )
     try:
         order = [int(i) for i in order]
     except TypeError as err:
@@ -110,7 +112,9 @@ class ProjectionAggregator(Aggregator):
             # CPU generator: deterministic across ranks, and tolist() is no device sync.
             return torch.randperm(K, generator=self._generator).tolist()
         if len(order) != K:
-            raise ValueError(f"{type(self).__name__}: order {order} has {len(order)} entries for K={K}")
+            raise ValueError(
+                f"{type(self).__name__}: order {order} has {len(order)} entries for K={K}"
+            )
         return list(order)
 
     def _coefficients(self, G: Tensor, names: list[str] | None, nonfinite: Tensor):

@@ -9,8 +9,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ._blending import Blending
 from ._core import Aggregator
 from ._gmd import GMD
+from ._gradcraft import GradCraft
 from ._mean import Mean
 from ._pcgrad import PCGrad
 from ._sum import Sum
@@ -23,6 +25,8 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
     "mean": Mean,
     "pcgrad": PCGrad,
     "gmd": GMD,
+    "gradcraft": GradCraft,
+    "blending": Blending,
 }
 
 
