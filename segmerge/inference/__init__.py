@@ -1,1 +1,41 @@
-"""segmerge.inference"""
+"""segmerge.inference: MONAI bundle prediction (``configs/inference.json``) and evaluation.
+
+Commands::
+
+    python -m monai.bundle run --config_file configs/inference.json --bundle_root . \
+        --dataset_dir IN --output_dir OUT
+    python -m segmerge predict --input IN --output OUT [--model models/model.pt]
+    python -m segmerge evaluate --pred OUT --gt GT [--subsets all --model PATH --input IN]
+"""
+
+from segmerge.inference.bundle import DEFAULT_CONFIG, build_predictor, load_bundle_config
+from segmerge.inference.cases import CaseInputs, case_id_from_path, discover_cases
+from segmerge.inference.predictor import (
+    BratsPredictor,
+    CaseResult,
+    PredictionFailed,
+    PredictionReport,
+    atomic_save_nifti,
+    atomic_write_text,
+    load_weights,
+    probabilities_path,
+)
+from segmerge.inference.transforms import StackModalitiesd
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "BratsPredictor",
+    "CaseInputs",
+    "CaseResult",
+    "PredictionFailed",
+    "PredictionReport",
+    "StackModalitiesd",
+    "atomic_save_nifti",
+    "atomic_write_text",
+    "build_predictor",
+    "case_id_from_path",
+    "discover_cases",
+    "load_bundle_config",
+    "load_weights",
+    "probabilities_path",
+]

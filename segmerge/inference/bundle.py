@@ -1,0 +1,62 @@
+"""Read ``configs/inference.json`` with MONAI's ``ConfigParser``, the way ``monai.bundle run`` does.
+
+``python -m segmerge predict`` and ``evaluate --subsets`` go through :func:`build_predictor`, so
+they run exactly the network, transforms and inferer that the bundle command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+from segmerge.inference.predictor import BratsPredictor
+
+__all__ = ["DEFAULT_CONFIG", "BUNDLE_ROOT", "load_bundle_config", "build_predictor"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root is the bundle root (``configs/``, ``models/``, ``docs/`` live there)."""
+
+DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
+
+
+def load_bundle_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ConfigParser:
+    """Parse the inference config (and ``metadata.json`` beside it) with optional overrides.
+
+    Args:
+        config_file: path of ``inference.json``; default: the repository's ``configs/inference.json``.
+        overrides: id -> value pairs, MONAI syntax (``"network_def#features": [4, 8]``); values are
+            set as given, so objects (a ``torch.nn.Module``) are accepted too.
+
+    Returns:
+        The parser, not yet instantiated.
+    """
+    config_file = Path(config_file) if config_file is not None else DEFAULT_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"bundle config {config_file} not found (pass --config PATH)")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    meta = config_file.parent / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    # same default bundle_root as `--bundle_root <repo>` on the monai.bundle command line
+    parser["bundle_root"] = str(config_file.resolve().parent.parent)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def build_predictor(config_file: str | Path | None = None, **overrides: Any) -> BratsPredictor:
+    """Instantiate the config's ``predictor`` (network, weights, transforms, inferer).
+
+    Args:
+        config_file: path of ``inference.json``; default: the repository's.
+        **overrides: id -> value pairs as in :func:`load_bundle_config` (e.g.
+            ``model_path="models/model.pt"``, ``device="cpu"``, ``overwrite=True``).
+    """
+    parser = load_bundle_config(config_file, overrides)
+    predictor = parser.get_parsed_content("predictor")
+    if not isinstance(predictor, BratsPredictor):
+        raise TypeError(f"{config_file}: 'predictor' must build a BratsPredictor, got {type(predictor).__name__}")
+    return predictor
