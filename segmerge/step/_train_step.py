@@ -1,0 +1,439 @@
+"""The training step: many named losses in, one aggregated update out.
+
+This is the one module that talks to autograd for the aggregated update. Per step::
+
+    roots, reach   <- autograd graph of each objective (host-side walk, no sync)
+    J (K, D)       <- per-objective gradients, "loop" (grouped retained backward passes) or
+                      "batched" (one vmapped backward); zero rows on unreached tensors
+    [all_reduce]   <- one flat all_reduce of [J | reference | losses], averaged over ranks
+    update (D,)    <- aggregator(J, shared=mask, names=names, reference=r)
+    .grad          <- views into one flat buffer, zeroed when anything was non-finite
+    clip, step     <- clip_grad_norm_ after aggregation; optimizer step guarded (no-op on skip)
+
+Amortised mode (``refresh_every=N``): J and the coefficients c = C.sum(0) are recomputed every N
+steps; in between one backward of Σ_k c_k L_k (c matched by objective name) gives Jᵀc directly,
+followed by the same masked-merge scaling with the shared set of the current objectives.
+
+Nothing on the per-step path reads a tensor value on the host: the skip decision is a device
+flag (see :mod:`segmerge.step._guard`), the skip counter is a tensor, and the report holds
+device tensors for the engine to log in batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from segmerge.step._guard import GuardedOptimizerStep
+from segmerge.step._jacobian import (
+    ParamLayout,
+    disjoint_groups,
+    gradient_into,
+    jacobian_batched,
+    jacobian_loop,
+)
+from segmerge.step._reach import graph_reach, objective_roots, shared_bits
+
+__all__ = ["AUTO_STRATEGY", "StepReport", "TrainStep"]
+
+Strategy = Literal["auto", "loop", "batched"]
+
+#: Jacobian strategy that ``strategy="auto"`` picks per device type (docs/bench_step.md has the
+#: measurement behind each entry). Device types not listed use "loop", which works everywhere.
+AUTO_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "loop"}
+
+
+class _NamedLosses(Protocol):
+    names: list[str]
+    losses: Tensor
+
+
+@dataclass
+class StepReport:
+    """What one training step did. Every tensor stays on the device (no host sync).
+
+    Attributes:
+        names: objective names of the rows used this step.
+        losses: (K,) detached losses (averaged over ranks under torch.distributed).
+        weights: (K,) coefficients c = C.sum(0) applied to the objectives (before the merge).
+        norms: (K,) gradient norms of the rows; None on amortised (non-refresh) steps.
+        cosine: (K, K) cosine similarities of the rows; None on amortised steps.
+        alpha: (K, K) conflict coefficients; None on amortised steps.
+        n_conflicts: 0-d count of conflicting pairs; None on amortised steps.
+        skipped: 0-d bool, True when the step was skipped (non-finite loss or gradient).
+        skipped_total: 0-d int64 running count of skipped steps.
+        grad_norm: 0-d norm of the update before clipping (None without ``clip_norm``).
+        refreshed: True when J and the coefficients were recomputed this step.
+        backward_passes: number of autograd backward passes this step ran.
+    """
+
+    names: list[str]
+    losses: Tensor
+    weights: Tensor
+    norms: Tensor | None
+    cosine: Tensor | None
+    alpha: Tensor | None
+    n_conflicts: Tensor | None
+    skipped: Tensor
+    skipped_total: Tensor
+    grad_norm: Tensor | None
+    refreshed: bool
+    backward_passes: int
+
+
+class TrainStep:
+    """Per-objective gradients -> aggregator -> ``.grad`` -> clip -> optimizer step.
+
+    Args:
+        model: the network (a ``DistributedDataParallel`` wrapper is unwrapped to its
+            ``.module``; run its forward under ``no_sync()``, see below). Its parameters with
+            ``requires_grad`` are the ones differentiated, in ``model.parameters()`` order.
+        optimizer: optimizer over those parameters. ``fused=True`` Adam/AdamW/SGD skip
+            non-finite steps on device without any copy; others are snapshotted and restored.
+        aggregator: a ``segmerge.aggregation`` aggregator: ``aggregator(J, shared=, names=,
+            reference=)`` returning an ``AggregationResult``; attributes ``masked_merge`` and
+            ``needs_reference``.
+        strategy: Jacobian strategy: ``"loop"`` (retained backward per objective, objectives with
+            disjoint reach fused into one backward), ``"batched"`` (one vmapped backward with
+            ``is_grads_batched``; falls back to loop with a one-time warning if an operation has
+            no batching rule) or ``"auto"`` (per device type, :data:`AUTO_STRATEGY`).
+        refresh_every: recompute J and the coefficients every N steps (1 = exact, default);
+            in between, one backward of Σ c_k L_k with the last coefficients.
+        clip_norm: max global norm of the update (``clip_grad_norm_`` after aggregation), or None.
+        scaler: optional ``torch.amp.GradScaler`` (fp16 autocast). The backward runs on scaled
+            losses; J is unscaled before the Gramian so the aggregation is scale-correct, and the
+            scale is backed off on non-finite gradients as ``GradScaler.update`` does.
+            bf16 autocast needs no scaler.
+        distributed: average J over ranks with one all_reduce (None = when torch.distributed is
+            initialised). DDP's own gradient hooks are not used: they reduce ``.grad`` of one
+            summed loss during ``backward()``, whereas the aggregation needs all K rows averaged
+            before it runs. Gradients here come from ``torch.autograd.grad``, which never fires
+            those hooks, so pass the raw module (or run the forward under ``ddp.no_sync()``).
+        fuse_disjoint: loop strategy: differentiate objectives with pairwise disjoint reach in
+            one backward (default True).
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> class Sum:
+        ...     masked_merge, needs_reference = False, False
+        ...     def __call__(self, J, shared=None, names=None, reference=None):
+        ...         K = J.shape[0]
+        ...         return SimpleNamespace(update=J.sum(0), weights=torch.ones(K),
+        ...             norms=J.norm(dim=1), cosine=None, alpha=None, n_conflicts=None,
+        ...             nonfinite=torch.tensor(False))
+        >>> step = TrainStep(net, opt, Sum(), strategy="loop")
+        >>> y = net(torch.ones(4, 2)).squeeze(1)
+        >>> losses = SimpleNamespace(names=["a", "b"], losses=torch.stack([y.mean(), y.pow(2).mean()]))
+        >>> report = step.step(losses)
+        >>> report.names, bool(report.skipped)
+        (['a', 'b'], False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        aggregator: Any,
+        strategy: Strategy = "auto",
+        refresh_every: int = 1,
+        clip_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        distributed: bool | None = None,
+        fuse_disjoint: bool = True,
+    ) -> None:
+        if strategy not in ("auto", "loop", "batched"):
+            raise ValueError(
+                f"TrainStep: strategy must be 'auto', 'loop' or 'batched', got {strategy!r}"
+            )
+        if int(refresh_every) < 1:
+            raise ValueError(f"TrainStep: refresh_every must be >= 1, got {refresh_every!r}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"TrainStep: clip_norm must be > 0 or None, got {clip_norm!r}")
+        module = model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            module = model.module
+        self.model = module
+        self.optimizer = optimizer
+        self.aggregator = aggregator
+        self.layout = ParamLayout([p for p in module.parameters() if p.requires_grad])
+        self.strategy = strategy
+        self.refresh_every = int(refresh_every)
+        self.clip_norm = clip_norm
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.distributed = distributed
+        self.fuse_disjoint = fuse_disjoint
+        self._guard = GuardedOptimizerStep(optimizer)
+        self._batched_ok: bool | None = None  # None: not tried yet on this model
+        self._buffers: dict[tuple[int, int], Tensor] = {}
+        dev, dt = self.layout.device, self.layout.dtype
+        self._grad_flat = torch.zeros(self.layout.dim, dtype=dt, device=dev)
+        self._grad_views = self.layout.views(self._grad_flat)
+        self._one = torch.ones((), dtype=dt, device=dev)
+        self._zero = torch.zeros((), dtype=dt, device=dev)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self.steps = 0
+        self._coef: dict[str, Tensor] = {}  # last coefficients, by objective name
+
+    # -- configuration ----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"TrainStep(aggregator={self.aggregator!r}, strategy={self.strategy!r}, "
+            f"refresh_every={self.refresh_every}, clip_norm={self.clip_norm!r}, "
+            f"scaler={self.scaler is not None}, distributed={self.distributed!r}, "
+            f"fuse_disjoint={self.fuse_disjoint})"
+        )
+
+    def resolved_strategy(self) -> str:
+        """The Jacobian strategy used on this model's device ("loop" or "batched")."""
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = AUTO_STRATEGY.get(self.layout.device.type, "loop")
+        if strategy == "batched" and self._batched_ok is False:
+            return "loop"
+        return strategy
+
+    def _is_distributed(self) -> bool:
+        if self.distributed is not None:
+            return self.distributed
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized()
+
+    def _buffer(self, rows: int, k: int) -> Tensor:
+        # One flat buffer [rows x D | K losses]: one all_reduce carries everything.
+        key = (rows, k)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty(
+                rows * self.layout.dim + k, dtype=self.layout.dtype, device=self.layout.device
+            )
+            self._buffers = {key: buf}  # keep one: K changes rarely (modality dropout)
+        return buf
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(
+        self, named_losses: _NamedLosses, reference_losses: _NamedLosses | Tensor | None = None
+    ) -> StepReport:
+        """Aggregate the objectives' gradients into one update and step the optimizer.
+
+        Args:
+            named_losses: ``.names`` (K objective names) and ``.losses`` ((K,) tensor,
+                ``torch.stack`` of the objective scalars, graph attached).
+            reference_losses: for aggregators with ``needs_reference`` (Gradient-Blending's
+                gradient estimator): the fused objective(s) on a validation batch, a tensor or
+                named losses; the gradient of their sum is the reference row.
+
+        Returns:
+            :class:`StepReport`.
+        """
+        names = list(named_losses.names)
+        losses = named_losses.losses
+        if losses.dim() != 1 or losses.shape[0] != len(names):
+            raise ValueError(
+                f"TrainStep.step: losses must have shape ({len(names)},) for names {names}, "
+                f"found {tuple(losses.shape)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"TrainStep.step: objective names must be distinct, got {names}")
+        roots = objective_roots(losses)
+        reach = graph_reach(roots, self.layout.index)
+        refresh = (
+            self.refresh_every == 1
+            or self.steps % self.refresh_every == 0
+            or any(n not in self._coef for n in names)
+        )
+        seed = self._one if self.scaler is None else self.scaler.scale(self._one)
+        if refresh:
+            out = self._exact(names, losses, roots, reach, seed, reference_losses)
+        else:
+            out = self._amortised(names, losses, reach, seed)
+        self.steps += 1
+        return out
+
+    def _finish(
+        self, ok: Tensor, any_reach: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Write ``.grad`` (already in ``_grad_flat``), clip, guarded optimizer step."""
+        for j, (p, view) in enumerate(zip(self.layout.params, self._grad_views)):
+            # A tensor no objective reaches keeps grad None, as after a plain backward(), so
+            # optimizers skip it instead of applying momentum/weight decay to a zero gradient.
+            p.grad = view if any_reach >> j & 1 else None
+        grad_norm = None
+        if self.clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.layout.params if p.grad is not None],
+                self.clip_norm,
+                error_if_nonfinite=False,
+                foreach=True,
+            )
+        self._guard.step(ok)
+        skipped = ~ok
+        self.skipped += skipped
+        if self.scaler is not None:
+            self._update_scale(skipped)
+        return skipped, grad_norm
+
+    def _update_scale(self, found_inf: Tensor) -> None:
+        # GradScaler.update() needs the inf checks its own unscale_() records; the gradients
+        # here were unscaled by this step instead, so the same in-place update of the scale
+        # and growth tracker is applied with our found_inf (what GradScaler.update() does).
+        s = self.scaler
+        scale, tracker = s._check_scale_growth_tracker("update")  # noqa: SLF001
+        torch._amp_update_scale_(
+            scale,
+            tracker,
+            found_inf.to(device=scale.device, dtype=torch.float32),
+            s.get_growth_factor(),
+            s.get_backoff_factor(),
+            s.get_growth_interval(),
+        )
+
+    def _jacobian(
+        self, losses: Tensor, roots: list, reach: list[int], J: Tensor, seed: Tensor, retain: bool
+    ) -> tuple[list[int], int]:
+        """Fill J; return (reach, number of backward passes)."""
+        if self.resolved_strategy() == "batched":
+            first = self._batched_ok is None
+            try:
+                # The first try keeps the graph so that a vmap failure can fall back to loop.
+                jacobian_batched(losses, self.layout, J, seed, retain_graph=retain or first)
+                self._batched_ok = True
+                return reach, 1
+            except RuntimeError as err:
+                if not first:
+                    raise
+                self._batched_ok = False
+                warnings.warn(
+                    "TrainStep: the batched (vmap) Jacobian failed on this model "
+                    f"({str(err).splitlines()[0]}); using the loop strategy from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if self.fuse_disjoint:
+            groups = disjoint_groups(reach)
+            found = jacobian_loop(
+                roots, self.layout, J, seed, groups=groups, reach=reach, retain_graph=retain
+            )
+            return found, len(groups)
+        found = jacobian_loop(roots, self.layout, J, seed, retain_graph=retain)
+        return found, sum(r is not None for r in roots)
+
+    def _exact(
+        self,
+        names: list[str],
+        losses: Tensor,
+        roots: list,
+        reach: list[int],
+        seed: Tensor,
+        reference_losses: _NamedLosses | Tensor | None,
+    ) -> StepReport:
+        k, d = len(names), self.layout.dim
+        agg = self.aggregator
+        use_ref = bool(getattr(agg, "needs_reference", False)) and reference_losses is not None
+        rows = k + (1 if use_ref else 0)
+        buf = self._buffer(rows, k)
+        J = buf[: k * d].view(k, d)
+        reach, passes = self._jacobian(losses, roots, reach, J, seed, retain=False)
+        reference = None
+        if use_ref:
+            ref = reference_losses.losses if hasattr(reference_losses, "losses") else reference_losses
+            reference = buf[k * d : rows * d]
+            gradient_into(ref.sum(), seed, self.layout, reference)
+            passes += 1
+        if self.scaler is not None:
+            buf[: rows * d].div_(seed)  # unscale before the Gramian: scale-correct aggregation
+        loss_buf = buf[rows * d :]
+        loss_buf.copy_(losses.detach())
+        if self._is_distributed():
+            _all_reduce_mean(buf)
+        shared = self.layout.element_mask(shared_bits(reach))
+        result = agg(J, shared=shared, names=names, reference=reference)
+        update = result.update
+        ok = torch.isfinite(buf).all() & ~result.nonfinite & torch.isfinite(update).all()
+        torch.where(ok, update, self._zero, out=self._grad_flat)
+        any_reach = 0
+        for r in reach:
+            any_reach |= r
+        skipped, grad_norm = self._finish(ok, any_reach)
+        weights = result.weights
+        # Coefficients for amortised steps; a skipped refresh keeps the previous ones (or 1).
+        for i, n in enumerate(names):
+            prev = self._coef.get(n, self._one)
+            self._coef[n] = torch.where(ok, weights[i].to(self._one.dtype), prev)
+        return StepReport(
+            names=names,
+            losses=loss_buf.clone(),
+            weights=weights,
+            norms=result.norms,
+            cosine=result.cosine,
+            alpha=result.alpha,
+            n_conflicts=result.n_conflicts,
+            skipped=skipped,
+            skipped_total=self.skipped.clone(),
+            grad_norm=grad_norm,
+            refreshed=True,
+            backward_passes=passes,
+        )
+
+    def _amortised(
+        self, names: list[str], losses: Tensor, reach: list[int], seed: Tensor
+    ) -> StepReport:
+        k, d = len(names), self.layout.dim
+        c = torch.stack([self._coef[n] for n in names])
+        buf = self._buffer(1, k)
+        flat = buf[:d]
+        found = gradient_into(losses, (c * seed).to(losses.dtype), self.layout, flat)
+        if self.scaler is not None:
+            flat.div_(seed)
+        loss_buf = buf[d:]
+        loss_buf.copy_(losses.detach())
+        if self._is_distributed():
+            _all_reduce_mean(buf)
+        if getattr(self.aggregator, "masked_merge", False):
+            flat.mul_(self.layout.merge_scale(shared_bits(reach), k))
+        ok = torch.isfinite(buf).all()
+        torch.where(ok, flat, self._zero, out=self._grad_flat)
+        skipped, grad_norm = self._finish(ok, found)
+        return StepReport(
+            names=names,
+            losses=loss_buf.clone(),
+            weights=c,
+            norms=None,
+            cosine=None,
+            alpha=None,
+            n_conflicts=None,
+            skipped=skipped,
+            skipped_total=self.skipped.clone(),
+            grad_norm=grad_norm,
+            refreshed=False,
+            backward_passes=1,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, skip counter and the amortised coefficients (for exact resume)."""
+        return {
+            "steps": self.steps,
+            "skipped": self.skipped.detach().cpu(),
+            "coefficients": {n: c.detach().cpu() for n, c in self._coef.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        dev, dt = self.layout.device, self.layout.dtype
+        self.steps = int(state["steps"])
+        self.skipped = state["skipped"].to(device=dev, dtype=torch.int64).reshape(())
+        self._coef = {n: c.to(device=dev, dtype=dt) for n, c in state["coefficients"].items()}
+
+
+def _all_reduce_mean(buf: Tensor) -> None:
+    """Average ``buf`` over ranks in place (one collective; gloo has no AVG, so SUM / world)."""
+    dist = torch.distributed
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf.div_(dist.get_world_size())
