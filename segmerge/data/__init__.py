@@ -1,7 +1,56 @@
-"""segmerge.data: BraTS-like phantoms, dataset loading/validation and MONAI transforms."""
+"""segmerge.data: BraTS-like phantoms, dataset loading/validation and MONAI transforms.
+
+Phantoms on real anatomy (MNI152 from nilearn's wheel)::
+
+    python -m segmerge phantoms --out data/phantoms --cases 120 --size 96 --seed 0
+    python -m segmerge check-data data/phantoms
+"""
 
 from segmerge.data.anatomy import Anatomy, mni_anatomy
-from segmerge.data.nifti import save_nifti
+from segmerge.data.dataset import (
+    LAYOUTS,
+    DatasetError,
+    DatasetSpec,
+    case_file_names,
+    case_id_for,
+    load_dataset,
+    split_cases,
+)
+from segmerge.data.nifti import save_nifti, write_bytes_atomic
 from segmerge.data.phantom import PhantomCase, make_phantom_case
+from segmerge.data.phantom_io import case_seed, write_phantom_dataset, write_preview
+from segmerge.data.transforms import (
+    CheckLabeld,
+    LabelToRegionsd,
+    RandModalityDropoutd,
+    StackModalitiesd,
+    make_dataloader,
+    train_transforms,
+    val_transforms,
+)
 
-__all__ = ["Anatomy", "PhantomCase", "make_phantom_case", "mni_anatomy", "save_nifti"]
+__all__ = [
+    "LAYOUTS",
+    "Anatomy",
+    "CheckLabeld",
+    "DatasetError",
+    "DatasetSpec",
+    "LabelToRegionsd",
+    "PhantomCase",
+    "RandModalityDropoutd",
+    "StackModalitiesd",
+    "case_file_names",
+    "case_id_for",
+    "case_seed",
+    "load_dataset",
+    "make_dataloader",
+    "make_phantom_case",
+    "mni_anatomy",
+    "save_nifti",
+    "split_cases",
+    "train_transforms",
+    "val_transforms",
+    "write_bytes_atomic",
+    "write_phantom_dataset",
+    "write_preview",
+]
