@@ -28,6 +28,7 @@ from segmerge.data.transforms import (
     train_transforms,
     val_transforms,
 )
+from segmerge.data.validate import Problem, filter_valid, format_problems, validate_dataset
 
 __all__ = [
     "LAYOUTS",
@@ -37,11 +38,14 @@ __all__ = [
     "DatasetSpec",
     "LabelToRegionsd",
     "PhantomCase",
+    "Problem",
     "RandModalityDropoutd",
     "StackModalitiesd",
     "case_file_names",
     "case_id_for",
     "case_seed",
+    "filter_valid",
+    "format_problems",
     "load_dataset",
     "make_dataloader",
     "make_phantom_case",
@@ -50,6 +54,7 @@ __all__ = [
     "split_cases",
     "train_transforms",
     "val_transforms",
+    "validate_dataset",
     "write_bytes_atomic",
     "write_phantom_dataset",
     "write_preview",
