@@ -1,0 +1,137 @@
+"""Figures logged as MLflow artifacts (matplotlib, Agg backend, written atomically).
+
+- :func:`matrix_heatmap`: a K x K matrix (cosines, conflict coefficients alpha) with the objective
+  names on both axes;
+- :func:`curves`: metric curves over training steps (OGR per head, weight per objective);
+- :func:`validation_montage`: the four sequences, ground truth and prediction on the axial slice
+  with the most tumour.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from segmerge.conventions import MODALITIES, REGIONS  # noqa: E402
+
+__all__ = ["matrix_heatmap", "curves", "validation_montage", "save_figure"]
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
+    """Save a figure atomically (temporary file, then rename) and close it."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, dest)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def matrix_heatmap(
+    matrix: np.ndarray | torch.Tensor,
+    names: Sequence[str],
+    title: str,
+    path: str | os.PathLike,
+    vmin: float | None = -1.0,
+    vmax: float | None = 1.0,
+) -> Path:
+    """Heatmap of a square matrix labelled with objective names, values written in the cells."""
+    mat = (
+        torch.as_tensor(matrix).double().cpu().numpy()
+        if not isinstance(matrix, np.ndarray)
+        else matrix
+    )
+    k = len(names)
+    if mat.shape != (k, k):
+        raise ValueError(f"{title}: matrix of shape {mat.shape} for {k} names")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.8 + 0.65 * k))
+    im = ax.imshow(mat, cmap="RdBu_r", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    for i in range(k):
+        for j in range(k):
+            if np.isfinite(mat[i, j]):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return save_figure(fig, path)
+
+
+def curves(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    title: str,
+    path: str | os.PathLike,
+    ylabel: str = "",
+) -> Path:
+    """Line plot of several ``(step, value)`` series, one line per key."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, points in sorted(series.items()):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, ms=3, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def validation_montage(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    pred: torch.Tensor,
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """Sequences, ground truth and prediction on the axial slice with the most whole tumour.
+
+    Args:
+        image: ``(4, H, W, D)`` in ``MODALITIES`` order.
+        label: ``(3, H, W, D)`` region masks (``REGIONS`` order).
+        pred: ``(3, H, W, D)`` predicted region masks.
+        path: PNG to write.
+        title: figure title.
+    """
+    img = torch.as_tensor(image).float().cpu()
+    lab = torch.as_tensor(label).float().cpu()
+    prd = torch.as_tensor(pred).float().cpu()
+    z = int(lab[0].sum((0, 1)).argmax()) if lab[0].any() else img.shape[-1] // 2
+
+    def regions_rgb(r: torch.Tensor) -> np.ndarray:
+        # WT green, TC yellow, ET red (nested regions: later ones paint over earlier ones)
+        rgb = np.zeros((*r.shape[1:3], 3), dtype=np.float32)
+        colours = {"wt": (0.2, 0.8, 0.2), "tc": (1.0, 0.85, 0.1), "et": (0.9, 0.1, 0.1)}
+        for c, name in enumerate(REGIONS):
+            rgb[r[c, :, :, z].numpy() > 0.5] = colours[name]
+        return np.rot90(rgb)
+
+    fig, axes = plt.subplots(1, len(MODALITIES) + 2, figsize=(2.2 * (len(MODALITIES) + 2), 2.6))
+    for ax, (c, name) in zip(axes, enumerate(MODALITIES)):
+        ax.imshow(np.rot90(img[c, :, :, z].numpy()), cmap="gray")
+        ax.set_title(name, fontsize=9)
+    axes[-2].imshow(regions_rgb(lab))
+    axes[-2].set_title("ground truth", fontsize=9)
+    axes[-1].imshow(regions_rgb(prd))
+    axes[-1].set_title("prediction", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(f"{title} (axial slice {z}; WT green, TC yellow, ET red)", fontsize=9)
+    return save_figure(fig, path)

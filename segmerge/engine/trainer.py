@@ -1,0 +1,868 @@
+"""The training application behind ``python -m segmerge train``.
+
+Run it::
+
+    python -m segmerge train                                  # embedded default (GMD, phantoms)
+    python -m segmerge train --aggregator gradcraft --r 0.5 --epochs 20 --data /data/brats21
+    torchrun --nproc_per_node 2 -m segmerge train --device cpu   # gloo on CPU, NCCL on GPU
+    python -m segmerge train --resume runs/checkpoints/<run id>/last.pt
+
+One step is MONAI's ``SupervisedTrainer`` with ``iteration_update=`` replaced by the
+per-objective step: forward -> named losses (``ObjectiveSet``) -> ``TrainStep.step`` (the
+Jacobian, the aggregator, the update). Around it, ignite event handlers log batched step metrics
+to MLflow, validate (sliding window Dice/HD95, per-head losses and OGR), checkpoint and stop on
+SIGINT/SIGTERM. Everything a bad input could break is checked in :meth:`Trainer.setup`, before
+the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.bundle import ConfigParser
+
+from segmerge.conventions import REGIONS
+from segmerge.engine.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from segmerge.engine.config import ConfigError
+from segmerge.engine.metrics_buffer import StepMetrics
+from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
+from segmerge.engine.tracking import Tracker, check_tracking_uri, default_tracking_uri, ui_command
+from segmerge.engine.validation import (
+    ValidationResult,
+    crop_around_tumour,
+    head_losses,
+    heads_of,
+    validate,
+)
+
+__all__ = ["Trainer", "TrainResult", "format_summary", "phantom_cache_path", "train"]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        run_id: MLflow run id (None on ranks other than 0).
+        tracking_uri: MLflow tracking URI.
+        dice: validation Dice per region and mean of the weights written to the bundle.
+        hd95: validation HD95 per region and mean of those weights.
+        best_epoch: epoch of the best validation.
+        model_path: ``<bundle_root>/models/model.pt``.
+        checkpoint_dir: folder holding ``last.pt`` and ``best.pt``.
+        iteration: steps done.
+        interrupted: True when stopped by SIGINT/SIGTERM (a checkpoint was saved).
+        wall_s: seconds from setup to the end.
+    """
+
+    run_id: str | None
+    tracking_uri: str
+    dice: dict[str, float] = field(default_factory=dict)
+    hd95: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = -1
+    model_path: Path | None = None
+    checkpoint_dir: Path | None = None
+    iteration: int = 0
+    interrupted: bool = False
+    wall_s: float = 0.0
+
+
+def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
+    """``<cache_dir>/phantoms-<hash of the generation arguments>``."""
+    key = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"phantoms-{digest}"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, lo: float, strict: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= lo if strict else value < lo):
+        rule = ">" if strict else ">="
+        raise ConfigError(f"{name} must be a finite number {rule} {lo}, got {value!r}")
+    return float(value)
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what} {folder} is not writable: {err}") from err
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+class Trainer:
+    """Set up, run and finish one training (see the module docstring).
+
+    Args:
+        parser: the merged configuration (``segmerge.engine.config.load_config``).
+        resume: checkpoint to continue from (its MLflow run is continued).
+        resume_state: the already-loaded checkpoint (saves a second read).
+    """
+
+    def __init__(
+        self,
+        parser: ConfigParser,
+        resume: str | os.PathLike | None = None,
+        resume_state: dict | None = None,
+    ) -> None:
+        self.parser = parser
+        self.resume_path = Path(resume) if resume else None
+        self.resume_state = resume_state
+        self.interrupted = False
+        self._stop_reason: str | None = None
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        """Everything that can fail on bad input, before the first training step."""
+        t0 = time.time()
+        self._init_distributed()
+        p = self.parser
+        self._settings()
+        self._resolve_device()
+        self._check_outputs()
+        self._seed()
+        self._build_data()
+        try:
+            self.network = p.get_parsed_content("network_def")
+            self.network.to(self.device)
+            self.objectives = p.get_parsed_content("objectives")
+            self.aggregator = p.get_parsed_content("aggregator")
+            self.optimizer = p.get_parsed_content("optimizer")
+            self.scheduler = p.get_parsed_content("lr_scheduler")
+        except ConfigError:
+            raise
+        except Exception as err:  # ConfigParser wraps the component's own ValueError
+            raise ConfigError(f"invalid configuration: {_root_message(err)}") from err
+        divisor = int(getattr(self.network, "divisor", 1))
+        if self.patch_size % divisor:
+            raise ConfigError(
+                f"patch_size must be a multiple of {divisor} for this network "
+                f"({len(getattr(self.network, 'features', [])) - 1} downsamplings), "
+                f"got {self.patch_size}"
+            )
+        from segmerge.aggregation import OGRTracker
+        from segmerge.step import TrainStep
+
+        self.scaler = None
+        if self.amp:
+            self.scaler = torch.amp.GradScaler("cuda")
+        try:
+            self.train_step = TrainStep(
+                self.network,
+                self.optimizer,
+                self.aggregator,
+                strategy=p.get_parsed_content("strategy"),
+                refresh_every=self.refresh_every,
+                clip_norm=p.get_parsed_content("clip_norm"),
+                scaler=self.scaler,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.ogr = OGRTracker()
+        self.metrics = StepMetrics()
+        self.iteration = 0
+        self.best = {"metric": -1.0, "epoch": -1, "dice": {}, "hd95": {}}
+        self.run_id: str | None = None
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self._start_tracking()
+        self.setup_s = time.time() - t0
+
+    def _init_distributed(self) -> None:
+        self.rank, self.world = _rank_world()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            want = str(self.parser.get("device", "auto"))
+            cuda = want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())
+            backend = "nccl" if cuda else "gloo"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend)
+            self.rank, self.world = _rank_world()
+        self.is_main = self.rank == 0
+
+    def _settings(self) -> None:
+        p = self.parser
+        g = p.get_parsed_content
+        self.epochs = _check_int("epochs", g("epochs"), 1)
+        self.steps_per_epoch = _check_int("steps_per_epoch", g("steps_per_epoch"), 1)
+        self.batch_size = _check_int("batch_size", g("batch_size"), 1)
+        self.patch_size = _check_int("patch_size", g("patch_size"), 8)
+        self.val_every = _check_int("val_every", g("val_every"), 1)
+        self.log_every = _check_int("log_every", g("log_every"), 1)
+        self.stop_after = _check_int("stop_after", g("stop_after"), 1, allow_none=True)
+        self.checkpoint_every = _check_int(
+            "checkpoint_every", g("checkpoint_every"), 1, allow_none=True
+        )
+        self.refresh_every = _check_int("refresh_every", g("refresh_every"), 1)
+        self.num_workers = _check_int("num_workers", g("num_workers"), 0)
+        self.seed = _check_int("seed", g("seed"), 0)
+        _check_float("lr", g("lr"), 0.0)
+        _check_float("weight_decay", g("weight_decay"), 0.0, strict=False)
+        self.weights_choice = g("weights")
+        if self.weights_choice not in ("best", "last"):
+            raise ConfigError(f"weights must be 'best' or 'last', got {self.weights_choice!r}")
+        val = g("validation")
+        self.sw_batch_size = _check_int("validation#sw_batch_size", val["sw_batch_size"], 1)
+        self.overlap = float(val["overlap"])
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"validation#overlap must be in [0, 1), got {self.overlap!r}")
+        self.ogr_cases = _check_int("validation#ogr_cases", val["ogr_cases"], 1)
+        self.max_val_cases = _check_int(
+            "validation#max_cases", val.get("max_cases"), 1, allow_none=True
+        )
+        self.amp = bool(g("amp"))
+        self.progress = bool(g("progress"))
+        threads = g("num_threads")
+        if threads is not None:
+            torch.set_num_threads(_check_int("num_threads", threads, 1))
+        self.total_steps = self.epochs * self.steps_per_epoch
+
+    def _resolve_device(self) -> None:
+        want = str(self.parser.get_parsed_content("device")).lower()
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want not in ("cpu", "cuda") and not want.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {want!r}")
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but torch sees no CUDA device")
+        if want == "cuda" and self.world > 1:
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.device = torch.device(want)
+        self.parser["device"] = str(self.device)
+        if self.amp and self.device.type != "cuda":
+            raise ConfigError("--amp needs --device cuda (mixed precision is CUDA-only here)")
+
+    def _check_outputs(self) -> None:
+        g = self.parser.get_parsed_content
+        self.bundle_root = Path(g("bundle_root")).expanduser().absolute()
+        self.output_dir = Path(g("output_dir")).expanduser().absolute()
+        self.cache_dir = Path(g("cache_dir")).expanduser().absolute()
+        uri = g("tracking_uri")
+        self.tracking_uri = str(uri) if uri else default_tracking_uri(self.output_dir)
+        self.parser["tracking_uri"] = self.tracking_uri
+        if self.is_main:
+            _check_writable(self.output_dir, "output folder")
+            _check_writable(self.bundle_root / "models", "bundle models folder")
+            try:
+                check_tracking_uri(self.tracking_uri)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+
+    def _seed(self) -> None:
+        from monai.utils import set_determinism
+
+        if self.parser.get_parsed_content("deterministic"):
+            set_determinism(seed=self.seed)
+        else:
+            torch.manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ data
+    def _dataset_path(self) -> Path:
+        g = self.parser.get_parsed_content
+        ds = g("dataset")
+        if ds.get("path"):
+            return Path(ds["path"]).expanduser()
+        spec = dict(ds["phantoms"])
+        spec["et_label"] = ds["et_label"]
+        size = _check_int("dataset#phantoms#size", spec.get("size"), 16)
+        _check_int("dataset#phantoms#cases", spec.get("cases"), 2)
+        if size < self.patch_size:
+            raise ConfigError(
+                f"dataset#phantoms#size ({size}) must be >= patch_size ({self.patch_size})"
+            )
+        folder = phantom_cache_path(self.cache_dir, spec)
+        if self.is_main and not (folder / "dataset.json").is_file():
+            self._write_phantoms(folder, spec)
+        _barrier()
+        return folder
+
+    def _write_phantoms(self, folder: Path, spec: Mapping[str, Any]) -> None:
+        from segmerge.data import write_phantom_dataset
+
+        _check_writable(self.cache_dir, "cache folder")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=self.cache_dir))
+        try:
+            write_phantom_dataset(
+                tmp,
+                cases=int(spec["cases"]),
+                size=int(spec["size"]),
+                seed=int(spec.get("seed", 0)),
+                et_label=int(spec["et_label"]),
+                layout=str(spec.get("layout", "brats2021")),
+                val_fraction=float(spec.get("val_fraction", 0.2)),
+                workers=max(1, min(int(spec.get("workers", 1)), os.cpu_count() or 1)),
+                progress=self.progress,
+            )
+            try:
+                os.replace(tmp, folder)  # atomic publish of the whole folder
+            except OSError:
+                if not (folder / "dataset.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _build_data(self) -> None:
+        from segmerge.data import load_dataset
+
+        try:
+            from segmerge.data import validate_dataset
+        except ImportError:  # older segmerge.data without the re-export
+            from segmerge.data.validate import validate_dataset
+
+        g = self.parser.get_parsed_content
+        ds = g("dataset")
+        path = self._dataset_path()
+        try:
+            spec = load_dataset(
+                path, et_label=int(ds["et_label"]), allow_missing=bool(ds.get("allow_missing"))
+            )
+        except ValueError as err:
+            raise ConfigError(f"dataset {path}: {err}") from err
+        problems = validate_dataset(spec, int(ds["et_label"])) if self.is_main else []
+        bad = {getattr(pr, "case", None) for pr in problems}
+        if problems and not ds.get("skip_invalid"):
+            listing = "\n  ".join(str(pr) for pr in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ConfigError(
+                f"dataset {path} has {len(problems)} problem(s) (--skip-invalid skips those "
+                f"cases):\n  {listing}{more}"
+            )
+        train_items = [c for c in spec.training if c.get("case_id") not in bad]
+        val_items = [c for c in spec.validation if c.get("case_id") not in bad]
+        if self.world > 1:  # every rank must drop the same cases
+            box = [[c["case_id"] for c in train_items], [c["case_id"] for c in val_items]]
+            dist.broadcast_object_list(box, src=0)
+            train_items = [c for c in spec.training if c["case_id"] in set(box[0])]
+            val_items = [c for c in spec.validation if c["case_id"] in set(box[1])]
+        if not train_items:
+            raise ConfigError(f"dataset {path}: no valid training case")
+        if not val_items:
+            raise ConfigError(f"dataset {path}: no validation case (needed for validation/OGR)")
+        if self.max_val_cases:
+            val_items = val_items[: self.max_val_cases]
+        self.data_summary = {
+            "path": str(path),
+            "layout": spec.layout,
+            "et_label": int(ds["et_label"]),
+            "n_training": len(train_items),
+            "n_validation": len(val_items),
+            "n_skipped_invalid": len(spec.training)
+            + len(spec.validation)
+            - len(train_items)
+            - len(val_items),
+        }
+        try:
+            train_tf = g("train_transforms")
+            val_tf = g("val_transforms")
+        except Exception as err:
+            raise ConfigError(f"invalid transforms: {_root_message(err)}") from err
+        from monai.data import CacheDataset, DataLoader
+
+        cache_rate = float(g("cache_rate"))
+        self.train_ds = SeededCacheDataset(
+            train_items, train_tf, cache_rate=cache_rate, num_workers=None, progress=False
+        )
+        self.val_ds = CacheDataset(val_items, val_tf, cache_rate=cache_rate, progress=False)
+        heldout = CacheDataset(train_items[: self.ogr_cases], val_tf, progress=False)
+        roi = [self.patch_size] * 3
+        self.ogr_train_patches = [crop_around_tumour(heldout[i], roi) for i in range(len(heldout))]
+        n_val = min(self.ogr_cases, len(self.val_ds))
+        self.ogr_val_patches = [crop_around_tumour(self.val_ds[i], roi) for i in range(n_val)]
+        self.n_train = len(train_items)
+        self._loader_cls = DataLoader
+
+    def _loader(self, start_step: int):
+        sampler = StreamSampler(
+            self.n_train,
+            self.batch_size,
+            self.total_steps,
+            start_step=start_step,
+            seed=self.seed,
+            rank=self.rank,
+            world=self.world,
+        )
+        return self._loader_cls(
+            self.train_ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    # ------------------------------------------------------------------ tracking
+    def _start_tracking(self) -> None:
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        enabled = self.is_main
+        try:
+            self.tracker = Tracker(
+                self.tracking_uri,
+                experiment=str(self.parser.get_parsed_content("experiment")),
+                run_name=self.parser.get_parsed_content("run_name"),
+                run_id=self.run_id,
+                enabled=enabled,
+                tags={"segmerge.command": "train", "segmerge.world_size": str(self.world)},
+            )
+        except Exception as err:
+            raise ConfigError(f"MLflow store {self.tracking_uri}: {_root_message(err)}") from err
+        run_id = self.tracker.run_id
+        if self.world > 1:
+            box = [run_id]
+            dist.broadcast_object_list(box, src=0)
+            run_id = box[0]
+        self.run_id = run_id
+        self.checkpoint_dir = self.checkpoint_root / str(run_id)
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_state is None:
+                self._log_params()
+
+    def _log_params(self) -> None:
+        import mlflow
+        import monai
+
+        import segmerge
+
+        raw = self.parser.get()
+        params: dict[str, Any] = {"config": {k: v for k, v in raw.items() if k != "_comment"}}
+        params["aggregator_repr"] = repr(self.aggregator)
+        params["train_step_repr"] = repr(self.train_step)
+        params["network_repr"] = repr(self.network).splitlines()[0] + "..."
+        params["n_parameters"] = sum(p.numel() for p in self.network.parameters())
+        params["data"] = self.data_summary
+        params["versions"] = {
+            "segmerge": getattr(segmerge, "__version__", "0"),
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+            "mlflow": mlflow.__version__,
+            "python": sys.version.split()[0],
+        }
+        params["world_size"] = self.world
+        params["device"] = str(self.device)
+        self.tracker.log_params(params)
+        self.tracker.log_text(json.dumps(raw, indent=2, default=repr), "config/train.json")
+
+    # ================================================================== checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "aggregator": self.aggregator.state_dict(),
+            "train_step": self.train_step.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "ogr": self.ogr.state_dict(),
+            "metrics": self.metrics.state_dict(),
+            "rng": rng_state(),
+            "iteration": int(self.iteration),
+            "epoch": int(self.iteration // self.steps_per_epoch),
+            "best": dict(self.best),
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "config": json.dumps(self.parser.get(), default=repr),
+        }
+
+    def save_checkpoint(self, best: bool = False) -> Path | None:
+        """Write ``last.pt`` (and ``best.pt``) atomically; rank 0 only."""
+        if not self.is_main:
+            return None
+        state = self._state()
+        path = atomic_torch_save(state, self.checkpoint_dir / "last.pt")
+        if best:
+            atomic_torch_save(state, self.checkpoint_dir / "best.pt")
+        return path
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        try:
+            self.network.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler"):
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.aggregator.load_state_dict(state["aggregator"])
+            self.train_step.load_state_dict(state["train_step"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(
+                f"--resume {self.resume_path}: checkpoint does not match this configuration "
+                f"({_root_message(err)})"
+            ) from err
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.ogr.load_state_dict(state["ogr"])
+        self.metrics.load_state_dict(state.get("metrics", {}))
+        set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.best = dict(state["best"])
+        self.run_id = state.get("run_id")
+        if self.iteration > self.total_steps:
+            raise ConfigError(
+                f"--resume: checkpoint is at step {self.iteration}, beyond epochs x "
+                f"steps_per_epoch = {self.total_steps}"
+            )
+
+    # ================================================================== the loop
+    def _iteration(self, engine: Any, batch: Mapping[str, Any]) -> Any:
+        """One per-objective step (``SupervisedTrainer(iteration_update=...)``)."""
+        image = _as_tensor(batch["image"]).to(self.device, non_blocking=True)
+        label = _as_tensor(batch["label"]).to(self.device, non_blocking=True)
+        avail = batch.get("available")
+        if avail is not None:
+            avail = _as_tensor(avail).to(self.device).bool().reshape(image.shape[0], -1)
+        self.network.train()
+        with torch.autocast(self.device.type, enabled=self.amp):
+            outputs = self.network(image, avail)
+            named = self.objectives(outputs, label, avail)
+        reference = self._reference_loss(engine.state.iteration) if self._needs_ref else None
+        report = self.train_step.step(named, reference)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.iteration = engine.state.iteration
+        return report
+
+    def _reference_loss(self, step: int) -> torch.Tensor:
+        """Fused validation loss on a fixed patch (Gradient-Blending's gradient estimator)."""
+        patch = self.ogr_val_patches[step % len(self.ogr_val_patches)]
+        image = patch["image"][None].to(self.device)
+        label = patch["label"][None].to(self.device)
+        avail = patch.get("available")
+        avail = None if avail is None else avail[None].to(self.device)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            outputs = self.network(image, avail)
+            named = self.objectives({"fused.d0": outputs["fused.d0"]}, label, avail)
+        return named.losses.sum()
+
+    def _on_iteration(self, engine: Any) -> None:
+        report = engine.state.output
+        it = engine.state.iteration
+        self.metrics.add(report)
+        if self.bar is not None:
+            self.bar.update(1)
+        if it % self.log_every == 0 or it == self.total_steps:
+            self._flush(it)
+        stop = self._stop_requested(it)
+        if stop:
+            self.interrupted = True
+            self.save_checkpoint()
+            engine.terminate()
+            return
+        if self.checkpoint_every and it % self.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _stop_requested(self, it: int) -> bool:
+        if self.world == 1:
+            return self._signal is not None
+        if it % self.log_every:
+            return False
+        # one tiny all_reduce per logging interval: ranks must stop at the same step
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _flush(self, it: int) -> None:
+        now = time.time()
+        steps = it - self._last_flush_it
+        values = self.metrics.flush()  # the one host sync of the interval
+        if steps > 0:
+            values["perf/steps_per_second"] = steps / max(now - self._last_flush_t, 1e-9)
+        values["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self._last_flush_t, self._last_flush_it = now, it
+        self.tracker.add_metrics(values, step=it)
+        self.tracker.flush()
+        if self.bar is not None and "loss/total" in values:
+            self.bar.set_postfix(
+                loss=f"{values['loss/total']:.3f}",
+                skipped=int(values.get("train/skipped_steps", 0)),
+                refresh=False,
+            )
+
+    def _on_epoch(self, engine: Any) -> None:
+        epoch = engine.state.epoch
+        if epoch % self.val_every == 0 or epoch == self.epochs:
+            self._validate(epoch)
+        else:
+            self.save_checkpoint()
+        if self.stop_after and epoch >= self._start_epoch + self.stop_after and epoch < self.epochs:
+            self._stop_reason = f"stop_after={self.stop_after} epochs"
+            engine.terminate()
+
+    def _validate(self, epoch: int) -> ValidationResult:
+        it = self.iteration
+        result = validate(
+            self.network,
+            self.val_ds,
+            [self.patch_size] * 3,
+            self.device,
+            sw_batch_size=self.sw_batch_size,
+            overlap=self.overlap,
+            amp=self.amp,
+        )
+        train_l = head_losses(self.network, self.objectives, self.ogr_train_patches, self.device)
+        val_l = head_losses(self.network, self.objectives, self.ogr_val_patches, self.device)
+        values = result.metrics()
+        values.update({f"heldout_loss/{k}": v for k, v in train_l.items()})
+        values.update({f"val_loss/{k}": v for k, v in val_l.items()})
+        train_h, val_h = heads_of(train_l), heads_of(val_l)
+        ogr = self.ogr.observe(train_h, val_h)
+        values.update({f"ogr/{h}": v for h, v in ogr.items() if math.isfinite(v)})
+        observe = getattr(self.aggregator, "observe_validation", None)
+        if callable(observe):
+            weights = observe(train_h, val_h)
+            values.update({f"blending/weight/{h}": w for h, w in weights.items()})
+        values["epoch"] = epoch
+        self.last_result = result
+        is_best = result.dice["mean"] > self.best["metric"]
+        if is_best:
+            self.best = {
+                "metric": result.dice["mean"],
+                "epoch": epoch,
+                "dice": dict(result.dice),
+                "hd95": dict(result.hd95),
+            }
+            values["val/best_dice_mean"] = result.dice["mean"]
+        self.tracker.log_metrics(values, step=it)
+        self.save_checkpoint(best=is_best)
+        if self.bar is not None:
+            self.bar.write(
+                f"epoch {epoch} step {it}: val Dice "
+                + " ".join(f"{k}={v:.3f}" for k, v in result.dice.items())
+            )
+        return result
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+        if self.bar is not None:
+            self.bar.write(
+                f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping"
+            )
+
+    # ================================================================== run
+    def run(self) -> TrainResult:
+        """Train (from the checkpoint's step when resuming), then finish the run."""
+        from ignite.engine import Events
+        from monai.engines import SupervisedTrainer
+
+        t0 = time.time()
+        self._needs_ref = bool(getattr(self.aggregator, "needs_reference", False))
+        start = self.iteration
+        self._start_epoch = start // self.steps_per_epoch
+        self._last_flush_t, self._last_flush_it = time.time(), start
+        self.last_result: ValidationResult | None = None
+        self._signal: int | None = None
+        self.bar = None
+        if self.is_main and self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=start,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                file=sys.stderr,
+            )
+        old_handlers = {}
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._handle_signal)
+        try:
+            if start < self.total_steps:
+                trainer = SupervisedTrainer(
+                    device=self.device,
+                    max_epochs=self.epochs,
+                    train_data_loader=self._loader(start),
+                    network=self.network,
+                    optimizer=self.optimizer,
+                    loss_function=self.objectives,
+                    epoch_length=self.steps_per_epoch,
+                    iteration_update=self._iteration,
+                    decollate=False,
+                )
+                trainer.state.iteration = start
+                trainer.state.epoch = start // self.steps_per_epoch
+                trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+                trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+                trainer.run()
+                self.iteration = trainer.state.iteration
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if self.bar is not None:
+                self.bar.close()
+        return self._finish(t0)
+
+    def _finish(self, t0: float) -> TrainResult:
+        result = TrainResult(
+            run_id=self.run_id,
+            tracking_uri=self.tracking_uri,
+            checkpoint_dir=self.checkpoint_dir,
+            iteration=self.iteration,
+            interrupted=self.interrupted,
+        )
+        stopped_early = self.interrupted or self._stop_reason is not None
+        if stopped_early:
+            self.tracker.flush()
+            self.tracker.end("KILLED" if self.interrupted else "FINISHED")
+            result.wall_s = time.time() - t0 + self.setup_s
+            return result
+        if self.best["epoch"] < 0:  # resumed after the last validation or none happened
+            self._validate(self.iteration // self.steps_per_epoch)
+        use_best = self.weights_choice == "best" and (self.checkpoint_dir / "best.pt").is_file()
+        weights = self.network.state_dict()
+        if use_best and self.is_main:
+            weights = load_checkpoint(self.checkpoint_dir / "best.pt")["model"]
+        result.dice, result.hd95 = dict(self.best["dice"]), dict(self.best["hd95"])
+        result.best_epoch = int(self.best["epoch"])
+        if not use_best and self.last_result is not None:
+            result.dice, result.hd95 = self.last_result.dice, self.last_result.hd95
+        if self.is_main:
+            cpu_weights = {k: v.detach().cpu() for k, v in weights.items()}
+            result.model_path = atomic_torch_save(
+                cpu_weights, self.bundle_root / "models" / "model.pt"
+            )
+            self._log_artifacts(result.model_path)
+            self.tracker.set_tags({"segmerge.weights": self.weights_choice})
+            self.tracker.end("FINISHED")
+        _barrier()
+        result.wall_s = time.time() - t0 + self.setup_s
+        return result
+
+    def _log_artifacts(self, model_path: Path) -> None:
+        from segmerge.engine import plots
+
+        folder = Path(tempfile.mkdtemp(prefix="segmerge-artifacts-"))
+        try:
+            files = []
+            names, cosine, alpha = self.metrics.mean_matrices()
+            if names:
+                files.append(
+                    plots.matrix_heatmap(
+                        cosine, names, "cosine similarity (training mean)", folder / "cosine.png"
+                    )
+                )
+                files.append(
+                    plots.matrix_heatmap(
+                        alpha,
+                        names,
+                        "conflict coefficients α (training mean)",
+                        folder / "alpha.png",
+                        vmin=None,
+                        vmax=None,
+                    )
+                )
+            keys = self.tracker.metric_keys()
+            for prefix, title in (
+                ("ogr/", "OGR per head"),
+                ("weight/", "aggregation weight per objective"),
+            ):
+                series = {
+                    k[len(prefix) :]: self.tracker.metric_history(k)
+                    for k in keys
+                    if k.startswith(prefix)
+                }
+                if series:
+                    name = prefix.strip("/") + "_curves.png"
+                    files.append(
+                        plots.curves(series, title, folder / name, ylabel=prefix.strip("/"))
+                    )
+            if self.last_result is not None and self.last_result.example:
+                ex = self.last_result.example
+                files.append(
+                    plots.validation_montage(
+                        ex["image"],
+                        ex["label"],
+                        ex["pred"],
+                        folder / "validation_montage.png",
+                        title="validation case 0",
+                    )
+                )
+            self.tracker.log_artifacts(files, "plots")
+            self.tracker.log_artifact(model_path, "model")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost exception message (ConfigParser wraps instantiation errors)."""
+    seen = err
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return f"{type(seen).__name__}: {seen}"
+
+
+def train(
+    parser: ConfigParser, resume: str | os.PathLike | None = None, resume_state: dict | None = None
+) -> TrainResult:
+    """Set up and run one training; see :class:`Trainer`."""
+    trainer = Trainer(parser, resume=resume, resume_state=resume_state)
+    trainer.setup()
+    return trainer.run()
+
+
+def format_summary(result: TrainResult) -> str:
+    """The Dice/HD95 table and the ``mlflow ui`` command printed at the end."""
+    lines = []
+    if result.dice:
+        lines.append(f"validation (epoch {result.best_epoch}):  region   Dice    HD95")
+        for region in (*REGIONS, "mean"):
+            if region in result.dice:
+                lines.append(
+                    f"{'':>26}{region:<7}{result.dice[region]:.4f}  {result.hd95.get(region, float('nan')):.2f}"
+                )
+    if result.model_path is not None:
+        lines.append(f"weights: {result.model_path}")
+    if result.checkpoint_dir is not None:
+        lines.append(f"checkpoints: {result.checkpoint_dir}")
+    if result.run_id:
+        lines.append(f"MLflow run {result.run_id}; open it with:")
+        lines.append(f"  {ui_command(result.tracking_uri)}")
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""Validation: sliding-window Dice / HD95 per region, and per-head losses for OGR.
+
+Empty-region conventions (BraTS, ../shared/docs/conventions.md): Dice is 1 when prediction and
+ground truth are both empty and 0 when exactly one is; HD95 is 0 when both are empty and
+``HD95_EMPTY`` (373.13) when exactly one is. MONAI's metrics return NaN/inf there, so the
+conventions are applied here after the fact.
+
+Under torch.distributed each rank evaluates its share of the cases and the sums are all-reduced,
+so every rank ends with the same numbers (Gradient-Blending's weights must agree on all ranks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from segmerge.conventions import HD95_EMPTY, REGIONS
+
+__all__ = [
+    "ValidationResult",
+    "region_scores",
+    "validate",
+    "head_losses",
+    "crop_around_tumour",
+    "heads_mode",
+    "heads_of",
+]
+
+
+@dataclass
+class ValidationResult:
+    """Mean scores over the validation cases.
+
+    Attributes:
+        dice: region -> mean Dice (plus ``mean`` over regions).
+        hd95: region -> mean HD95 in voxels of the validation grid (plus ``mean``).
+        n_cases: number of cases evaluated (all ranks).
+        example: one case's ``image``, ``label`` and ``pred`` (CPU tensors) for the montage.
+    """
+
+    dice: dict[str, float]
+    hd95: dict[str, float]
+    n_cases: int
+    example: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "val") -> dict[str, float]:
+        """Flat MLflow keys: ``val/dice/wt`` ... ``val/hd95/mean``."""
+        out = {f"{prefix}/dice/{k}": v for k, v in self.dice.items()}
+        out.update({f"{prefix}/hd95/{k}": v for k, v in self.hd95.items()})
+        return out
+
+
+def region_scores(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and HD95 of binary region masks with the BraTS empty-region conventions.
+
+    Args:
+        pred: ``(B, R, *spatial)`` binary prediction.
+        target: ``(B, R, *spatial)`` binary ground truth.
+
+    Returns:
+        ``(dice, hd95)``, each ``(B, R)`` float tensors.
+    """
+    pred = pred.float()
+    target = target.float()
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty region; handled below
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            pred, target
+        )
+    spatial = tuple(range(2, pred.ndim))
+    p_empty = pred.sum(spatial) == 0
+    t_empty = target.sum(spatial) == 0
+    both = p_empty & t_empty
+    one = p_empty ^ t_empty
+    dice = torch.where(both, torch.ones_like(dice), torch.where(one, torch.zeros_like(dice), dice))
+    hd = hd.to(dice)
+    hd = torch.where(
+        both, torch.zeros_like(hd), torch.where(one, torch.full_like(hd, HD95_EMPTY), hd)
+    )
+    return dice, torch.nan_to_num(hd, nan=HD95_EMPTY, posinf=HD95_EMPTY)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _available(batch: Mapping, image: torch.Tensor) -> torch.Tensor | None:
+    avail = batch.get("available")
+    if avail is None:
+        return None
+    avail = torch.as_tensor(avail, device=image.device).bool()
+    return avail.reshape(image.shape[0], -1)
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    cases: Sequence[Mapping] | Iterable[Mapping],
+    roi_size: Sequence[int],
+    device: torch.device,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    amp: bool = False,
+    example_index: int = 0,
+) -> ValidationResult:
+    """Sliding-window inference over whole validation volumes; Dice and HD95 per region.
+
+    Args:
+        model: network; called in eval mode as ``model(x, available)`` -> region logits.
+        cases: sequence of transformed cases (``image (4, ...)``, ``label (3, ...)``,
+            ``available (4,)``), each with or without a batch dimension; rank r takes cases
+            r, r + world, ...
+        roi_size: sliding-window size.
+        device: where to run.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap.
+        amp: autocast on CUDA.
+        example_index: case kept (on rank 0) for the montage.
+    """
+    rank, world = _rank_world()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, len(REGIONS), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    example: dict[str, torch.Tensor] = {}
+    try:
+        for i, case in enumerate(cases):
+            if i % world != rank:
+                continue
+            image = torch.as_tensor(case["image"]).to(device)
+            label = torch.as_tensor(case["label"]).to(device)
+            if image.ndim == 4:
+                image, label = image[None], label[None]
+            avail = _available(case, image)
+
+            def predictor(x: torch.Tensor, avail: torch.Tensor | None = avail) -> torch.Tensor:
+                a = None if avail is None else avail[:1].expand(x.shape[0], -1)
+                return model(x, a)
+
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                logits = sliding_window_inference(
+                    image,
+                    list(roi_size),
+                    sw_batch_size,
+                    predictor,
+                    overlap=overlap,
+                    mode="gaussian",
+                )
+            pred = logits.float().sigmoid() > 0.5
+            dice, hd = region_scores(pred, label > 0.5)
+            sums[0] += dice.sum(0).double()
+            sums[1] += hd.sum(0).double()
+            count += dice.shape[0]
+            if i == example_index and rank == 0:
+                example = {
+                    "image": image[0].float().cpu(),
+                    "label": label[0].float().cpu(),
+                    "pred": pred[0].float().cpu(),
+                }
+    finally:
+        model.train(was_training)
+    _all_reduce(sums)
+    _all_reduce(count)
+    n = max(float(count), 1.0)  # one sync per validation, not per case
+    means = (sums / n).tolist()
+    dice_d = dict(zip(REGIONS, means[0]))
+    hd_d = dict(zip(REGIONS, means[1]))
+    dice_d["mean"] = sum(means[0]) / len(REGIONS)
+    hd_d["mean"] = sum(means[1]) / len(REGIONS)
+    return ValidationResult(dice=dice_d, hd95=hd_d, n_cases=int(count), example=example)
+
+
+class heads_mode:  # noqa: N801 - used as a context manager, reads like a function
+    """Context: the network returns every head but behaves as in evaluation.
+
+    Uses ``model.forward_heads`` when the network has it; otherwise puts the network in train mode
+    with normalisation and dropout layers in eval mode (so no running statistic moves).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._was_training = model.training
+
+    def __enter__(self) -> Callable[..., Mapping[str, torch.Tensor]]:
+        fwd = getattr(self.model, "forward_heads", None)
+        if callable(fwd):
+            self.model.eval()
+            return fwd
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.Dropout)):
+                m.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self._was_training)
+
+
+def crop_around_tumour(
+    case: Mapping, size: Sequence[int], divisor: int = 1
+) -> dict[str, torch.Tensor]:
+    """A fixed patch of ``size`` centred on the whole tumour (or the volume centre).
+
+    Deterministic, so the same patches are scored at every validation (OGR needs comparable
+    losses). Volumes smaller than ``size`` are zero-padded.
+    """
+    image = torch.as_tensor(case["image"])
+    label = torch.as_tensor(case["label"])
+    spatial = image.shape[1:]
+    wt = label[0] > 0.5
+    if bool(wt.any()):
+        centre = [int(idx.float().mean()) for idx in torch.nonzero(wt, as_tuple=True)]
+    else:
+        centre = [s // 2 for s in spatial]
+    slices = []
+    pads = []
+    for c, s, p in zip(centre, spatial, size):
+        start = min(max(c - p // 2, 0), max(s - p, 0))
+        stop = min(start + p, s)
+        slices.append(slice(start, stop))
+        pads.append(p - (stop - start))
+    img = image[(slice(None), *slices)]
+    lab = label[(slice(None), *slices)]
+    if any(pads):
+        pad = []
+        for extra in reversed(pads):
+            pad += [0, extra]
+        img = torch.nn.functional.pad(img, pad)
+        lab = torch.nn.functional.pad(lab, pad)
+    out = {"image": img, "label": lab}
+    if case.get("available") is not None:
+        out["available"] = torch.as_tensor(case["available"]).bool().reshape(-1)
+    return out
+
+
+@torch.no_grad()
+def head_losses(
+    model: torch.nn.Module,
+    objectives: Callable[..., object],
+    patches: Sequence[Mapping[str, torch.Tensor]],
+    device: torch.device,
+    batch_size: int = 2,
+) -> dict[str, float]:
+    """Mean loss of every objective (head) over fixed patches, averaged over ranks.
+
+    Args:
+        model: network (its ``forward_heads`` or a train-mode call gives the named heads).
+        objectives: ``ObjectiveSet``: ``(outputs, target, available) -> NamedLosses``.
+        patches: fixed patches from :func:`crop_around_tumour`; rank r takes r, r + world, ...
+        device: where to run.
+        batch_size: patches per forward pass.
+
+    Returns:
+        objective name -> mean loss (every rank gets the same dict).
+    """
+    rank, world = _rank_world()
+    mine = [p for i, p in enumerate(patches) if i % world == rank]
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    with heads_mode(model) as forward:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            image = torch.stack([c["image"] for c in chunk]).to(device)
+            label = torch.stack([c["label"] for c in chunk]).to(device)
+            avail = (
+                torch.stack([c["available"] for c in chunk]).to(device)
+                if all("available" in c for c in chunk)
+                else None
+            )
+            outputs = forward(image, avail)
+            named = objectives(outputs, label, avail)
+            for name, loss in zip(named.names, named.losses):
+                totals[name] = totals.get(name, 0) + loss.detach().double() * len(chunk)
+                counts[name] = counts.get(name, 0) + len(chunk)
+    names = sorted(set(totals) | set(_names_of(objectives, model)))
+    vec = torch.zeros(2, len(names), dtype=torch.float64, device=device)
+    for j, name in enumerate(names):
+        if name in totals:
+            vec[0, j] = totals[name]
+            vec[1, j] = counts[name]
+    _all_reduce(vec)
+    rows = vec.tolist()  # the one host sync of this call
+    return {n: rows[0][j] / rows[1][j] for j, n in enumerate(names) if rows[1][j] > 0}
+
+
+def heads_of(losses: Mapping[str, float]) -> dict[str, float]:
+    """Objective losses -> one loss per prediction head, for OGR.
+
+    The fused head's loss is that of its full-resolution objective ``fused.d0``; a modality
+    head's is ``modality.<m>``'s. Keys are head names: ``fused``, ``flair``, ``t1``...
+    """
+    out: dict[str, float] = {}
+    for name, value in losses.items():
+        if name == "fused.d0":
+            out["fused"] = float(value)
+        elif name.startswith("modality."):
+            out[name.split(".", 1)[1]] = float(value)
+    return out
+
+
+def _names_of(objectives: object, model: torch.nn.Module) -> list[str]:
+    for obj in (objectives, model):
+        fn = getattr(obj, "output_names", None) or getattr(obj, "names", None)
+        if callable(fn):
+            try:
+                return list(fn())
+            except TypeError:
+                continue
+        if isinstance(fn, (list, tuple)):
+            return list(fn)
+    return []
