@@ -368,12 +368,15 @@ class Aggregator:
             )
 
 
-def check_choice(owner: str, param: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise ValueError naming ``param`` when ``value`` is not one of ``choices``."""
+def check_choice(
+    owner: str, param: str, value: Any, choices: Sequence[str], rule: str | None = None
+) -> None:
+    """Raise ValueError naming ``param``, the rule and the value (with the closest choice)."""
     if value not in choices:
         close = difflib.get_close_matches(str(value), list(choices), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{owner}: {param} must be one of {list(choices)}, got {value!r}{hint}")
+        rule = rule or f"one of {list(choices)}"
+        raise ValueError(f"{owner}: {param} must be {rule}, got {value!r}{hint}")
 
 
 def check_range(

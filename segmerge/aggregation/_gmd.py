@@ -66,6 +66,7 @@ class GMD(ProjectionAggregator):
         GMD(order='random', seed=3)
     """
 
+    masked_merge = True
     _default_order = "identity"
     _clamp = GMD_CLAMP
 

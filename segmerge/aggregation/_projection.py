@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import Aggregator
+from ._core import Aggregator, check_choice
 
 __all__ = ["ProjectionAggregator", "projection_coefficients"]
 
@@ -65,9 +65,8 @@ def _check_order(owner: str, order: Any) -> Any:
     if order is None or order in ("identity", "random"):
         return order
     if isinstance(order, str):
-        raise ValueError(
-            f"{owner}: order must be 'identity', 'random' or a permutation list, got {order!r}"
-        )
+        rule = "'identity', 'random' or a permutation list"
+        check_choice(owner, "order", order, ("identity", "random"), rule)
     try:
         order = [int(i) for i in order]
     except TypeError as err:
