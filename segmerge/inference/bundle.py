@@ -21,7 +21,9 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 
 
-def load_bundle_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ConfigParser:
+def load_bundle_config(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ConfigParser:
     """Parse the inference config (and ``metadata.json`` beside it) with optional overrides.
 
     Args:
@@ -58,5 +60,7 @@ def build_predictor(config_file: str | Path | None = None, **overrides: Any) -> 
     parser = load_bundle_config(config_file, overrides)
     predictor = parser.get_parsed_content("predictor")
     if not isinstance(predictor, BratsPredictor):
-        raise TypeError(f"{config_file}: 'predictor' must build a BratsPredictor, got {type(predictor).__name__}")
+        raise TypeError(
+            f"{config_file}: 'predictor' must build a BratsPredictor, got {type(predictor).__name__}"
+        )
     return predictor

@@ -112,14 +112,20 @@ def _cases_from_datalist(path: Path) -> list[CaseInputs]:
     for section in DATALIST_SECTIONS:
         items = content.get(section, [])
         if not isinstance(items, list):
-            raise ValueError(f"{path}: '{section}' must be a list of cases, found {type(items).__name__}")
+            raise ValueError(
+                f"{path}: '{section}' must be a list of cases, found {type(items).__name__}"
+            )
         for index, item in enumerate(items):
             where = f"{path} {section}[{index}]"
             if not isinstance(item, dict):
                 cases.append(CaseInputs(f"{section}_{index}", problem=f"{where}: not an object"))
                 continue
-            first = next((item[k] for k in (*MODALITIES, "label") if isinstance(item.get(k), str)), None)
-            case_id = str(item.get("case_id") or (case_id_from_path(first) if first else f"{section}_{index}"))
+            first = next(
+                (item[k] for k in (*MODALITIES, "label") if isinstance(item.get(k), str)), None
+            )
+            case_id = str(
+                item.get("case_id") or (case_id_from_path(first) if first else f"{section}_{index}")
+            )
             if case_id in seen:
                 continue  # listed in two sections: predict once
             seen.add(case_id)
@@ -164,7 +170,9 @@ def discover_cases(path: str | Path) -> list[CaseInputs]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist (expected a BraTS folder or a datalist JSON)")
+        raise FileNotFoundError(
+            f"input {path} does not exist (expected a BraTS folder or a datalist JSON)"
+        )
     if path.is_file():
         return _cases_from_datalist(path)
     folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -87,7 +87,9 @@ def atomic_save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
         raise
 
 
-def load_weights(network: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """Load a state dict written by training into ``network`` (in place) and return it.
 
     Accepts a plain state dict or a checkpoint dict holding it under ``network``, ``model`` or
@@ -170,12 +172,16 @@ class PredictionReport:
 
     def summary(self) -> str:
         """Counts per status, then one line per failure."""
-        counts = {s: sum(r.status == s for r in self.results) for s in ("predicted", "kept", "failed")}
+        counts = {
+            s: sum(r.status == s for r in self.results) for s in ("predicted", "kept", "failed")
+        }
         lines = [
             f"{len(self.results)} case(s): {counts['predicted']} predicted, {counts['kept']} kept "
             f"(existing prediction, use --overwrite to replace), {counts['failed']} failed -> {self.output_dir}"
         ]
-        partial = [r for r in self.results if r.status == "predicted" and len(r.used) < len(MODALITIES)]
+        partial = [
+            r for r in self.results if r.status == "predicted" and len(r.used) < len(MODALITIES)
+        ]
         for r in partial:
             lines.append(f"  {r.case_id}: predicted from {'+'.join(r.used)} only")
         if self.failures:
@@ -261,7 +267,9 @@ class BratsPredictor:
             try:
                 img = nib.load(str(path))
             except Exception as err:  # nibabel raises many types on damaged files
-                raise ValueError(f"case {case.case_id}: {key} file {path} is not readable NIfTI ({err})") from err
+                raise ValueError(
+                    f"case {case.case_id}: {key} file {path} is not readable NIfTI ({err})"
+                ) from err
             if len(img.shape) != 3:
                 raise ValueError(
                     f"case {case.case_id}: {key} file {path} must be a 3D volume, got shape {img.shape}"
@@ -287,7 +295,9 @@ class BratsPredictor:
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
-            raise ValueError(f"case {case.case_id}: cannot read/preprocess inputs: {cause}") from err
+            raise ValueError(
+                f"case {case.case_id}: cannot read/preprocess inputs: {cause}"
+            ) from err
 
     @torch.no_grad()
     def infer(self, data: dict[str, Any], use: Sequence[str] | None = None) -> torch.Tensor:
@@ -309,7 +319,9 @@ class BratsPredictor:
             available &= keep
             x[~keep] = 0.0
         if not bool(available.any()):
-            raise ValueError(f"case {data.get('case_id', '?')}: none of the requested sequences {use} is available")
+            raise ValueError(
+                f"case {data.get('case_id', '?')}: none of the requested sequences {use} is available"
+            )
         x = x.unsqueeze(0).to(self.device)
         mask = available.unsqueeze(0).to(self.device)
 
@@ -332,9 +344,12 @@ class BratsPredictor:
     def predict_case(self, case: CaseInputs, output_dir: str | Path) -> CaseResult:
         """Predict one case into ``output_dir``; never raises for problems of the case itself."""
         output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
         target = output_dir / f"{case.case_id}.nii.gz"
         if target.exists() and not self.overwrite:
-            return CaseResult(case.case_id, "kept", tuple(m for m in MODALITIES if m in case.images))
+            return CaseResult(
+                case.case_id, "kept", tuple(m for m in MODALITIES if m in case.images)
+            )
         seconds: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
@@ -353,12 +368,21 @@ class BratsPredictor:
             logger.error("%s: failed: %s", case.case_id, err)
             return CaseResult(case.case_id, "failed", error=str(err), seconds=seconds)
         logger.info(
-            "%s: predicted from %s in %.2f s -> %s", case.case_id, "+".join(used), sum(seconds.values()), target
+            "%s: predicted from %s in %.2f s -> %s",
+            case.case_id,
+            "+".join(used),
+            sum(seconds.values()),
+            target,
         )
         return CaseResult(case.case_id, "predicted", used, seconds=seconds)
 
     def _write(
-        self, case: CaseInputs, ref: nib.Nifti1Image, probs: torch.Tensor, used: Sequence[str], output_dir: Path
+        self,
+        case: CaseInputs,
+        ref: nib.Nifti1Image,
+        probs: torch.Tensor,
+        used: Sequence[str],
+        output_dir: Path,
     ) -> None:
         labels = self.to_labels(probs)
         if labels.shape != tuple(ref.shape):
@@ -371,13 +395,18 @@ class BratsPredictor:
         header = ref.header.copy()
         header.set_data_dtype(np.uint8)
         header["descrip"] = b"segmerge BraTS labels"
-        atomic_save_nifti(nib.Nifti1Image(labels, None, header), output_dir / f"{case.case_id}.nii.gz")
+        atomic_save_nifti(
+            nib.Nifti1Image(labels, None, header), output_dir / f"{case.case_id}.nii.gz"
+        )
         if self.probabilities:
             prob_header = ref.header.copy()
             prob_header.set_data_dtype(np.float32)
             prob_header["descrip"] = ("segmerge region probabilities " + ",".join(REGIONS)).encode()
             volume = np.moveaxis(probs.cpu().numpy().astype(np.float32), 0, -1)
-            atomic_save_nifti(nib.Nifti1Image(volume, None, prob_header), probabilities_path(output_dir, case.case_id))
+            atomic_save_nifti(
+                nib.Nifti1Image(volume, None, prob_header),
+                probabilities_path(output_dir, case.case_id),
+            )
         sidecar = {
             "case_id": case.case_id,
             "prediction": f"{case.case_id}.nii.gz",
@@ -387,7 +416,9 @@ class BratsPredictor:
             "et_label": self.et_label,
             "threshold": self.threshold,
             "regions": list(REGIONS),
-            "probabilities": probabilities_path(output_dir, case.case_id).name if self.probabilities else None,
+            "probabilities": probabilities_path(output_dir, case.case_id).name
+            if self.probabilities
+            else None,
             "model": str(self.model_path) if self.model_path else None,
             "model_sha256": _sha256(self.model_path) if self.model_path else None,
             "shape": list(ref.shape),

@@ -58,7 +58,9 @@ class StackModalitiesd(MapTransform):
         case = d.get(self.case_key, "?")
         present = [k for k in self.keys if k in d and d[k] is not None]
         if not present:
-            raise ValueError(f"case {case}: none of the sequences {', '.join(map(str, self.keys))} is present")
+            raise ValueError(
+                f"case {case}: none of the sequences {', '.join(map(str, self.keys))} is present"
+            )
         ref_key = present[0]
         ref = d[ref_key]
         if ref.ndim != 4 or ref.shape[0] != 1:
@@ -81,7 +83,9 @@ class StackModalitiesd(MapTransform):
                         f"{diff:.4g} > {AFFINE_TOLERANCE_MM}); sequences must be co-registered"
                     )
         zeros = torch.zeros_like(torch.as_tensor(ref), dtype=torch.float32)
-        channels = [torch.as_tensor(d[k], dtype=torch.float32) if k in present else zeros for k in self.keys]
+        channels = [
+            torch.as_tensor(d[k], dtype=torch.float32) if k in present else zeros for k in self.keys
+        ]
         stacked = torch.cat(channels, dim=0)
         # keep the reference sequence's metadata (affine, original affine, filename) on the stack
         meta = dict(ref.meta) if isinstance(ref, MetaTensor) else {}
