@@ -22,7 +22,7 @@ from segmerge.inference import PredictionFailed, discover_cases
 @pytest.fixture()
 def mixed(tmp_path):
     """full, no_t1ce (file absent), only_t2, empty (no file), corrupt (flair is not NIfTI),
-    mismatch (t2 on another grid)."""
+    mismatch (t2 of another shape), shifted (t1 2 mm off)."""
     root = tmp_path / "in"
     images, affine = blob_case(shape=(20, 22, 18))
     write_case(root, "full", images, affine)
@@ -32,12 +32,16 @@ def mixed(tmp_path):
     folder = write_case(root, "corrupt", images, affine)
     (folder / "corrupt_flair.nii.gz").write_bytes(b"\x1f\x8b this is not a gzip stream")
     write_case(root, "mismatch", {**images, "t2": images["t2"][:, :, :10]}, affine)
+    write_case(root, "shifted", {k: v for k, v in images.items() if k != "t1"}, affine)
+    moved = affine.copy()
+    moved[0, 3] += 2.0
+    write_case(root, "shifted", {"t1": images["t1"]}, moved)
     return root
 
 
 def test_discovery_reports_cases_without_sequences(mixed):
     cases = {c.case_id: c for c in discover_cases(mixed)}
-    assert set(cases) == {"full", "no_t1ce", "only_t2", "empty", "corrupt", "mismatch"}
+    assert set(cases) == {"full", "no_t1ce", "only_t2", "empty", "corrupt", "mismatch", "shifted"}
     assert cases["no_t1ce"].available == (True, True, False, True)
     assert cases["only_t2"].available == (False, False, False, True)
     assert "empty" in cases["empty"].problem and "no input sequence" in cases["empty"].problem
@@ -60,6 +64,7 @@ def test_subsets_are_predicted_through_the_mask_and_failures_reported(mixed, tmp
         "empty": "failed",
         "corrupt": "failed",
         "mismatch": "failed",
+        "shifted": "failed",
     }
     # the network saw exactly the availability of each predicted case (cases run in sorted order)
     masks = {tuple(m[0].tolist()) for m in net.seen_available}
@@ -77,8 +82,9 @@ def test_subsets_are_predicted_through_the_mask_and_failures_reported(mixed, tmp
     errors = {r.case_id: r.error for r in report.failures}
     assert "corrupt_flair.nii.gz" in errors["corrupt"]
     assert "t2 has shape 20x22x10 but flair has 20x22x18" in errors["mismatch"]
+    assert "t1 and flair have different affines" in errors["shifted"]
     summary = report.summary()
-    for case_id in ("empty", "corrupt", "mismatch"):
+    for case_id in ("empty", "corrupt", "mismatch", "shifted"):
         assert case_id in summary
     assert not (out / "empty.nii.gz").exists() and not (out / "corrupt.nii.gz").exists()
     # nothing half-written is left behind
@@ -86,7 +92,7 @@ def test_subsets_are_predicted_through_the_mask_and_failures_reported(mixed, tmp
 
     with pytest.raises(PredictionFailed) as info:
         predictor.raise_on_failures()
-    assert info.value.code and "3 case(s) failed" in str(info.value.code)
+    assert info.value.code and "4 case(s) failed" in str(info.value.code)
 
 
 def test_existing_predictions_are_kept_unless_overwrite(tmp_path):

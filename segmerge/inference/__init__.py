@@ -20,7 +20,6 @@ from segmerge.inference.predictor import (
     load_weights,
     probabilities_path,
 )
-from segmerge.inference.transforms import StackModalitiesd
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -29,7 +28,6 @@ __all__ = [
     "CaseResult",
     "PredictionFailed",
     "PredictionReport",
-    "StackModalitiesd",
     "atomic_save_nifti",
     "atomic_write_text",
     "build_predictor",

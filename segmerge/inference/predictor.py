@@ -4,7 +4,7 @@
 ``python -m segmerge predict ...`` both build :class:`BratsPredictor` from ``configs/inference.json``.
 
 Per case: read the available sequences (MONAI ``LoadImaged``), stack them with the availability
-mask, reorient to RAS and resample to the training spacing, normalise, run sliding-window
+mask (``segmerge.data.StackModalitiesd``, the training pipeline's own), reorient to RAS and resample to the training spacing, normalise, run sliding-window
 inference with gaussian blending, apply the sigmoid, invert the spatial transforms with MONAI's
 ``Invertd`` (back to the input's voxel grid), threshold the three region channels, convert regions
 to BraTS labels, and write uint8 NIfTI with the reference sequence's own header (hence exactly its
@@ -48,6 +48,8 @@ __all__ = [
 logger = logging.getLogger("segmerge.inference")
 
 PROBABILITIES_SUFFIX = "_probabilities"
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest affine difference between two sequences of a case still read as one grid."""
 
 
 class PredictionFailed(SystemExit):
@@ -281,6 +283,12 @@ class BratsPredictor:
                 raise ValueError(
                     f"case {case.case_id}: {key} has shape {'x'.join(map(str, img.shape))} but {ref_key} "
                     f"has {'x'.join(map(str, ref.shape))} (sequences must be co-registered on one grid)"
+                )
+            diff = float(np.abs(img.affine - ref.affine).max())
+            if diff > AFFINE_TOLERANCE_MM:
+                raise ValueError(
+                    f"case {case.case_id}: {key} and {ref_key} have different affines (largest "
+                    f"difference {diff:.4g} > {AFFINE_TOLERANCE_MM}); sequences must be co-registered"
                 )
         return ref
 
