@@ -10,6 +10,17 @@ Commands::
 
 from segmerge.inference.bundle import DEFAULT_CONFIG, build_predictor, load_bundle_config
 from segmerge.inference.cases import CaseInputs, case_id_from_path, discover_cases
+from segmerge.inference.evaluate import (
+    CONVENTIONS,
+    EvaluationResult,
+    all_subsets,
+    evaluate_predictions,
+    evaluate_subsets,
+    ground_truth_files,
+    region_metrics,
+    write_evaluation,
+    write_robustness,
+)
 from segmerge.inference.predictor import (
     BratsPredictor,
     CaseResult,
@@ -22,7 +33,16 @@ from segmerge.inference.predictor import (
 )
 
 __all__ = [
+    "CONVENTIONS",
     "DEFAULT_CONFIG",
+    "EvaluationResult",
+    "all_subsets",
+    "evaluate_predictions",
+    "evaluate_subsets",
+    "ground_truth_files",
+    "region_metrics",
+    "write_evaluation",
+    "write_robustness",
     "BratsPredictor",
     "CaseInputs",
     "CaseResult",

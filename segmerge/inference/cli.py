@@ -1,0 +1,169 @@
+"""``python -m segmerge predict`` and ``python -m segmerge evaluate``.
+
+    python -m segmerge predict --input data/phantoms --output predictions [--model models/model.pt]
+    python -m segmerge evaluate --pred predictions --gt data/phantoms
+    python -m segmerge evaluate --subsets all --input data/phantoms --model models/model.pt --out eval
+
+Both build the predictor from ``configs/inference.json`` (the bundle's config), so they run the
+same network, transforms and sliding window as ``python -m monai.bundle run``. ``--set ID=VALUE``
+overrides any config id (VALUE is JSON when it parses as JSON, e.g. ``--set roi_size=[96,96,96]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from segmerge.conventions import VALID_ET_LABELS
+
+__all__ = ["predict_main", "evaluate_main"]
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects ID=VALUE (e.g. roi_size=[96,96,96]), got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # plain strings need no JSON quotes
+    return out
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="state dict to load (default: <bundle>/models/model.pt)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:0 if available)")
+    parser.add_argument(
+        "--et-label",
+        type=int,
+        choices=VALID_ET_LABELS,
+        default=None,
+        help="label of enhancing tumour: 4 (BraTS <= 2022, default) or 3 (2023+)",
+    )
+    parser.add_argument("--config", help="bundle config (default: configs/inference.json)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="override a config id, e.g. --set roi_size=[96,96,96] (repeatable)",
+    )
+
+
+def _predictor_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    values: dict[str, Any] = dict(extra)
+    if args.model:
+        values["model_path"] = str(Path(args.model).resolve())
+    if args.device:
+        values["device"] = args.device
+    if args.et_label is not None:
+        values["et_label"] = args.et_label
+    values.update(_overrides(args.set))
+    return values
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+
+
+def predict_main(argv: list[str]) -> int:
+    """Predict every case of a BraTS folder or datalist; exit status 1 if any case failed."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segmerge predict",
+        description="Predict BraTS label maps (uint8, the input's shape and affine) for every case.",
+    )
+    parser.add_argument("--input", required=True, help="BraTS-layout folder or datalist JSON")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz and <case>.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing predictions")
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.nii.gz (WT, TC, ET on the last axis)",
+    )
+    _common(parser)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from segmerge.inference.bundle import build_predictor  # heavy imports after --help
+
+    try:
+        extra: dict[str, Any] = {"overwrite": args.overwrite, "probabilities": args.probabilities}
+        predictor = build_predictor(args.config, **_predictor_overrides(args, **extra))
+        report = predictor.predict_dataset(args.input, args.output)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"segmerge predict: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.failures else 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """Score predictions (Dice, HD95 per region) and/or the model on every subset of sequences."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segmerge evaluate",
+        description="Per-case and mean Dice/HD95 of WT, TC, ET as CSV and JSON; with --subsets, a "
+        "robustness table of the model over subsets of the input sequences.",
+    )
+    parser.add_argument("--pred", help="folder of <case>.nii.gz predictions")
+    parser.add_argument(
+        "--gt", help="ground truth: BraTS folder, datalist, or folder of <case>.nii.gz"
+    )
+    parser.add_argument(
+        "--out", help="where metrics/robustness files go (default: --pred, else ./evaluation)"
+    )
+    parser.add_argument(
+        "--subsets",
+        help="'all' (15 subsets) or e.g. 'flair+t1ce,t2': run the model on "
+        "--input with only these sequences",
+    )
+    parser.add_argument("--input", help="dataset with input sequences (for --subsets)")
+    _common(parser)
+    args = parser.parse_args(argv)
+    if not args.pred and not args.subsets:
+        parser.error("give --pred (with --gt) to score predictions, and/or --subsets with --input")
+    if args.pred and not args.gt:
+        parser.error("--pred needs --gt")
+    if args.subsets and not args.input:
+        parser.error("--subsets needs --input (the dataset to predict)")
+    _setup_logging()
+    from segmerge.inference.bundle import build_predictor
+    from segmerge.inference.evaluate import (
+        evaluate_predictions,
+        evaluate_subsets,
+        write_evaluation,
+        write_robustness,
+    )
+
+    out = Path(args.out or args.pred or "evaluation")
+    status = 0
+    try:
+        if args.pred:
+            et_label = args.et_label if args.et_label is not None else 4
+            result = evaluate_predictions(args.pred, args.gt, et_label)
+            csv_path, json_path = write_evaluation(result, out)
+            mean = result.aggregate("mean")
+            print(f"{len(result.rows)} case(s) scored -> {csv_path}, {json_path}")
+            print("mean " + "  ".join(f"{k}={v:.4f}" for k, v in mean.items()))
+            for case_id in result.missing:
+                print(f"  {case_id}: no prediction (scored as empty)")
+            for case_id, err in result.errors.items():
+                print(f"  {case_id}: not scored: {err}")
+            if result.missing or result.errors:
+                status = 1
+        if args.subsets:
+            predictor = build_predictor(args.config, **_predictor_overrides(args))
+            rows = evaluate_subsets(predictor, args.input, args.subsets, gt=args.gt)
+            csv_path, md_path = write_robustness(rows, out)
+            print(md_path.read_text())
+            print(f"-> {csv_path}, {md_path}")
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"segmerge evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return status
