@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
-from test_step_support import MODS, GMDAgg, Named, SumAgg, TinyDSNet, batch, named_losses
+from test_step_support import MODS, OBJECTIVES, GMDAgg, SumAgg, TinyDSNet, batch, named_losses
 
+from segmerge.objectives import NamedLosses, resize_target
 from segmerge.step import (
     ParamLayout,
     TrainStep,
@@ -24,6 +26,12 @@ from segmerge.step import _train_step as train_step_module
 def _losses(net, available=None, seed=0):
     x, t = batch(seed=seed)
     return named_losses(net(x, available), t)
+
+
+def _row(logits, target):
+    """One objective row, built like ObjectiveSet's (to assemble rows in any order)."""
+    resized = resize_target(target, tuple(logits.shape[2:]), OBJECTIVES.target_resize)
+    return OBJECTIVES.loss(logits, resized).mean()
 
 
 def _param_names(net, layout, bits):
@@ -53,7 +61,7 @@ def _jacobians(net, available=None):
     return nl.names, layout, out, groups
 
 
-def test_strategies_agree_and_reach_matches_allow_unused():
+def test_strategies_agree_and_reach_is_right():
     net = TinyDSNet()
     names, layout, out, groups = _jacobians(net)
     J_loop, reach_unused = out["loop"]
@@ -69,12 +77,8 @@ def test_strategies_agree_and_reach_matches_allow_unused():
         mask = layout.element_mask(bits)
         assert torch.all(J_loop[i][~mask] == 0)
         assert J_loop[i][mask].abs().sum() > 0
-
-
-def test_modality_objective_reaches_only_its_encoder_and_head():
-    net = TinyDSNet()
-    names, layout, out, _ = _jacobians(net)
-    _, reach = out["loop"]
+    # a modality head's objective reaches only its own encoder and head
+    reach = reach_unused
     for m in MODS:
         got = _param_names(net, layout, reach[names.index(f"modality.{m}")])
         assert got == {f"encoders.{m}.0.weight", f"encoders.{m}.0.bias", f"aux.{m}.weight", f"aux.{m}.bias"}
@@ -95,8 +99,8 @@ def test_dropping_a_modality_removes_its_rows_and_reach():
     # no objective reaches the dropped encoder: its grad stays None, as after backward()
     assert net.encoders["t1ce"][0].weight.grad is None
     assert net.encoders["t1"][0].weight.grad is not None
-    names, layout, out, _ = _jacobians(net, avail)
-    _, reach = out["loop"]
+    layout = ts.layout
+    reach = graph_reach(objective_roots(_losses(net, avail).losses), layout.index)
     assert all("t1ce" not in n for r in reach for n in _param_names(net, layout, r))
 
 
@@ -157,7 +161,8 @@ def test_amortised_steps_use_last_coefficients_by_name():
     # matched by name, the shared set recomputed for the current objectives, one backward
     x, t = batch(seed=1)
     outs = net(x)
-    nl = named_losses({n: outs[n] for n in ("fused.d1", "fused.d0")}, t)
+    order = ["fused.d1", "fused.d0"]  # reversed: coefficients must follow the names
+    nl = NamedLosses(order, torch.stack([_row(outs[n], t) for n in order]))
     layout = ts.layout
     roots = objective_roots(nl.losses)
     J = torch.empty(2, layout.dim)
@@ -187,7 +192,7 @@ def test_amortised_n1_equals_exact():
         twin, torch.optim.Adam(twin.parameters(), lr=1e-2), GMDAgg(), strategy="batched",
         refresh_every=1,
     )
-    for s in range(3):
+    for s in range(2):
         ra, rb = a.step(_losses(net, seed=s)), b.step(_losses(twin, seed=s))
         assert ra.refreshed and rb.refreshed
     for p, q in zip(net.parameters(), twin.parameters()):
@@ -247,7 +252,7 @@ def test_losses_not_stacked_last_are_rejected():
     nl = _losses(net)
     ts = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), SumAgg())
     with pytest.raises(ValueError, match="torch.stack"):
-        ts.step(Named(nl.names, nl.losses * 2))
+        ts.step(SimpleNamespace(names=nl.names, losses=nl.losses * 2))
     with pytest.raises(ValueError, match="strategy"):
         TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), SumAgg(), strategy="vmap")
 
@@ -308,3 +313,52 @@ def test_state_dict_round_trip_resumes_amortised_coefficients():
     r2 = fresh.step(_losses(net, seed=1))
     assert not r2.refreshed
     torch.testing.assert_close(r2.weights, r.weights)
+
+
+def _real_net():
+    from segmerge.nets import MultiModalDSNet
+
+    torch.manual_seed(0)
+    return MultiModalDSNet(features=(4, 8, 8), deep_supervision=2, aux_level=1)
+
+
+def test_real_network_reach_and_strategies():
+    net = _real_net()
+    x, t = batch(size=8)
+    layout = ParamLayout(list(net.parameters()))
+    nl = OBJECTIVES(net(x), t)
+    assert nl.names == ["fused.d0", "fused.d1"] + [f"modality.{m}" for m in MODS]
+    roots = objective_roots(nl.losses)
+    walk = graph_reach(roots, layout.index)
+    k = len(nl.names)
+    J = torch.empty(k, layout.dim)
+    found = jacobian_loop(roots, layout, J, torch.ones(()), retain_graph=True)
+    assert found == walk  # graph walk == allow_unused on the real network
+    J2 = torch.empty(k, layout.dim)
+    jacobian_loop(roots, layout, J2, torch.ones(()), disjoint_groups(walk), walk, True)
+    J3 = torch.empty(k, layout.dim)
+    jacobian_batched(nl.losses, layout, J3, torch.ones(()))
+    torch.testing.assert_close(J2, J, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(J3, J, rtol=1e-4, atol=1e-6)
+
+    def top(bits):
+        return {".".join(n.split(".")[:2]) for n in _param_names(net, layout, bits)}
+
+    for m in MODS:
+        assert top(walk[nl.names.index(f"modality.{m}")]) == {f"encoders.{m}", f"aux_heads.{m}"}
+    for d in (0, 1):
+        got = top(walk[d])
+        assert got == {f"encoders.{m}" for m in MODS} | {"decoder.ups", f"heads.d{d}"}
+
+
+def test_real_network_dropped_modality_rows_leave_the_step():
+    net = _real_net()
+    x, t = batch(size=8)
+    avail = torch.tensor([[True, True, True, False]] * 2)
+    ts = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), GMDAgg(), strategy="loop")
+    report = ts.step(OBJECTIVES(net(x, avail), t, avail))
+    assert report.names == ["fused.d0", "fused.d1"] + [f"modality.{m}" for m in MODS[:3]]
+    assert report.weights.shape == (5,) and report.norms.shape == (5,)
+    # the t2 auxiliary head has no objective this step: no gradient at all
+    assert all(p.grad is None for p in net.aux_heads["t2"].parameters())
+    assert all(p.grad is not None for p in net.aux_heads["t1"].parameters())

@@ -1,6 +1,6 @@
 """Small helpers shared by the segmerge.step tests (no tests here).
 
-A tiny late-fusion deep-supervised 3D network with the same head names as
+The real aggregators and objective set, and a tiny late-fusion deep-supervised 3D network with the same head names as
 ``segmerge.nets.MultiModalDSNet`` (``fused.d0``, ``fused.d1``, ``modality.<m>``) and a loss
 function producing stacked named objectives, so the step can be tested in a fraction of a
 second. Each modality has its own encoder and auxiliary head; the fused decoder sees the
@@ -9,21 +9,14 @@ availability-masked mean of the encoders' features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segmerge.aggregation import build_aggregator
+from segmerge.objectives import NamedLosses, ObjectiveSet
+
 MODS = ("flair", "t1", "t1ce", "t2")
-
-
-@dataclass
-class Named:
-    """Stand-in for segmerge.objectives.NamedLosses."""
-
-    names: list[str]
-    losses: Tensor
 
 
 class TinyDSNet(nn.Module):
@@ -56,25 +49,16 @@ class TinyDSNet(nn.Module):
         return out
 
 
-def objective(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-sample-mean soft Dice + BCE (so a batch split over ranks averages exactly)."""
-    if logits.shape[2:] != target.shape[2:]:
-        target = F.adaptive_max_pool3d(target, logits.shape[2:])
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    inter = (p * target).flatten(2).sum(-1)
-    denom = (p + target).flatten(2).sum(-1)
-    dice = 1 - (2 * inter + 1) / (denom + 1)
-    return bce + dice.mean()
+OBJECTIVES = ObjectiveSet()
 
 
-def named_losses(outputs: dict[str, Tensor], target: Tensor) -> Named:
-    """Objectives of every head present, in head order."""
-    names = list(outputs)
-    return Named(names, torch.stack([objective(outputs[n], target) for n in names]))
+def named_losses(outputs: dict[str, Tensor], target: Tensor) -> NamedLosses:
+    """The real objective set (per-sample-mean Dice + BCE rows, so a batch split over ranks
+    averages exactly)."""
+    return OBJECTIVES(outputs, target)
 
 
-def batch(n: int = 2, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+def batch(n: int = 2, size: int = 12, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Deterministic images (n, 4, s, s, s) and region targets (n, 3, s, s, s)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, size, size, size, generator=g)
@@ -82,49 +66,11 @@ def batch(n: int = 2, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x, target
 
 
-class SumAgg:
-    """Stand-in aggregator: plain sum of the rows."""
-
-    masked_merge = False
-    needs_reference = False
-
-    def __call__(self, J, shared=None, names=None, reference=None):
-        k = J.shape[0]
-        return _result(J, torch.ones(k, dtype=J.dtype, device=J.device), shared, False)
+def SumAgg():  # noqa: N802 - reads like the class it builds
+    """The real Sum aggregator."""
+    return build_aggregator("sum")
 
 
-class GMDAgg:
-    """Stand-in K-space GMD (identity order, clamp to [-2, 1], masked merge)."""
-
-    masked_merge = True
-    needs_reference = False
-
-    def __call__(self, J, shared=None, names=None, reference=None):
-        G = J @ J.T
-        k = G.shape[0]
-        C = torch.eye(k, dtype=J.dtype, device=J.device)
-        for i in range(k):
-            for j in range(k):
-                d = C[i] @ G[:, j]
-                a = torch.where(G[j, j] > 0, d / G[j, j].clamp_min(1e-30), 0).clamp(-2, 1)
-                C[i, j] = C[i, j] - torch.where(d < 0, a, 0)
-        return _result(J, C.sum(0), shared, True)
-
-
-def _result(J, c, shared, masked):
-    from types import SimpleNamespace
-
-    k = J.shape[0]
-    update = c @ J
-    if masked and shared is not None:
-        update = torch.where(shared, update / k, update)
-    nonfinite = ~torch.isfinite(J).all()
-    return SimpleNamespace(
-        update=update,
-        weights=c,
-        norms=J.norm(dim=1),
-        cosine=torch.zeros(k, k),
-        alpha=torch.zeros(k, k),
-        n_conflicts=torch.zeros((), dtype=torch.int64),
-        nonfinite=nonfinite,
-    )
+def GMDAgg():  # noqa: N802
+    """The real GMD aggregator (identity order, masked merge)."""
+    return build_aggregator("gmd")
