@@ -121,3 +121,37 @@ def test_subset_spec_errors(tmp_path):
     write_case(tmp_path / "in", "a", images, affine, np.zeros((20, 22, 18), np.uint8))
     with pytest.raises(ValueError, match="did not|use '\\+'-joined"):
         evaluate_subsets(make_predictor(), tmp_path / "in", "flair+pd")
+
+
+def test_subsets_cli_with_the_configured_network(tmp_path):
+    """`evaluate --subsets ... --model --input` end to end with a fresh network of the bundle
+    (two subsets keep it cheap; all 15 are covered with the stand-in above)."""
+    import torch
+
+    from segmerge.inference import load_bundle_config
+
+    net = load_bundle_config().get_parsed_content("network_def")
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    images, affine = blob_case(shape=(16, 16, 16))
+    label = np.where(images["flair"] > 0.5, 2, 0).astype(np.uint8)
+    write_case(tmp_path / "in", "a", images, affine, label)
+    out = tmp_path / "eval"
+    argv = [
+        "--subsets",
+        "flair+t1+t2,t2",
+        "--input",
+        str(tmp_path / "in"),
+        "--model",
+        str(tmp_path / "model.pt"),
+    ]
+    argv += ["--device", "cpu", "--set", "roi_size=[16,16,16]", "--out", str(out)]
+    assert evaluate_main(argv) == 0
+    rows = list(csv.DictReader(open(out / "robustness.csv")))
+    assert [r["subset"] for r in rows] == ["flair+t1+t2", "t2"]
+    assert all(r["n_cases"] == "1" for r in rows)
+    for r in rows:
+        assert 0.0 <= float(r["dice_wt"]) <= 1.0
+        assert 0.0 <= float(r["hd95_wt"]) <= HD95_EMPTY
+    table = (out / "robustness.md").read_text()
+    assert "| flair+t1+t2 | t1ce | 1 |" in table
+    assert table.count("\n| ") == 3  # header + 2 subsets
