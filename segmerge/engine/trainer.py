@@ -161,7 +161,6 @@ class Trainer:
         self._resolve_device()
         self._check_outputs()
         self._seed()
-        self._build_data()
         try:
             self.network = p.get_parsed_content("network_def")
             self.network.to(self.device)
@@ -180,6 +179,7 @@ class Trainer:
                 f"({len(getattr(self.network, 'features', [])) - 1} downsamplings), "
                 f"got {self.patch_size}"
             )
+        self._build_data()
         from segmerge.aggregation import OGRTracker
         from segmerge.step import TrainStep
 
