@@ -346,9 +346,11 @@ def test_merge_scale_and_combine_agree():
     shared = torch.arange(30) % 3 == 0
     c = torch.randn(4, generator=gen)
     for masked in (True, False):
-        expected = merge_scale(shared, 4, masked) * (c @ J)
-        assert close(combine(J, c, shared, masked), expected)
-    assert close(combine(J, c, None, True), (c @ J) / 4)
+        expected = torch.where(shared, (c @ J) / 4, c @ J) if masked else c @ J
+        assert close(merge_scale(shared, 4, masked) * (c @ J), expected)
+        assert close(combine(J, c, merge_scale(shared, 4, masked)), expected)
+    assert close(combine(J, c, merge_scale(None, 4, True)), (c @ J) / 4)
+    assert close(combine(J, c), c @ J)
     res = GMD()(J, shared=shared)
     assert close(res.update, merge_scale(shared, 4, GMD.masked_merge) * (res.weights @ J))
 
@@ -522,3 +524,19 @@ def test_docstring_examples_run():
         assert result.failed == 0, module.__name__
         attempted += result.attempted
     assert attempted >= 40
+
+
+def test_merge_scale_cache_follows_the_mask():
+    """The (D,) merge factor is cached per mask object; an in-place change or a new mask with the
+    same contents' address must never reuse a stale factor."""
+    J = torch.randn(3, 12, dtype=torch.float64)
+    shared = torch.arange(12) < 6
+    agg = GMD()
+    first = agg(J, shared=shared).update
+    assert torch.equal(agg(J, shared=shared).update, first)
+    shared[:3] = False  # in place: bumps the version counter
+    expected = GMD()(J, shared=shared.clone()).update
+    assert torch.equal(agg(J, shared=shared).update, expected)
+    other = torch.arange(12) >= 6
+    assert torch.equal(agg(J, shared=other).update, GMD()(J, shared=other.clone()).update)
+    assert torch.equal(agg(J[:2], shared=other).update, GMD()(J[:2], shared=other).update)

@@ -25,7 +25,15 @@ from ._blending import (
     head_of,
     interval_blending_weights,
 )
-from ._core import AggregationResult, Aggregator, Coefficients, combine, gramian, merge_scale
+from ._core import (
+    AggregationResult,
+    Aggregator,
+    Coefficients,
+    blocked_products,
+    combine,
+    gramian,
+    merge_scale,
+)
 from ._gmd import GMD, gmd_coefficients
 from ._gradcraft import GradCraft, gradcraft_coefficients, magnitude_scales
 from ._mean import Mean, mean_coefficients
@@ -48,6 +56,7 @@ __all__ = [
     "Sum",
     "aggregate",
     "blending_gradient_products",
+    "blocked_products",
     "build_aggregator",
     "combine",
     "gmd_coefficients",

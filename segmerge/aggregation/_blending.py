@@ -264,6 +264,7 @@ class Blending(Aggregator):
         super_epoch: int = 1,
         eps: float = 1e-8,
     ) -> None:
+        super().__init__()
         check_choice("Blending", "estimator", estimator, ("interval", "gradient"))
         self.estimator = estimator
         self.warmup = int(check_range("Blending", "warmup", warmup, 0, None, hi_open=False))

@@ -15,6 +15,7 @@ value, so the same code runs on CUDA without host-device synchronisation and com
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,18 +27,53 @@ __all__ = [
     "AggregationResult",
     "Aggregator",
     "Coefficients",
+    "blocked_products",
     "combine",
     "gramian",
     "merge_scale",
 ]
 
 
+GRAM_BLOCK = 16384
+"""Columns per block of the blocked Gramian (a K×block slab stays in cache)."""
+
+
+def blocked_products(X: Tensor, Y: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``X Yᵀ`` for long rows (D ≫ K), summed over column blocks: (K, M).
+
+    One long matrix product accumulates each entry over all D columns in the input dtype; in
+    float32 at D = 20M that loses about 3 significant digits. Splitting D into blocks of
+    ``block`` columns (a batched product over strided views, no copy) and summing the per-block
+    products keeps the error near float32 resolution, reads each row once while the block is in
+    cache, and lets the batch dimension use every thread.
+
+    Args:
+        X: (K, D) tensor.
+        Y: (M, D) tensor.
+        block: columns per block.
+
+    Example:
+        >>> X = torch.arange(6.0).reshape(2, 3)
+        >>> blocked_products(X, X, block=2)
+        tensor([[ 5., 14.],
+                [14., 50.]])
+    """
+    D = X.shape[1]
+    n = D // block
+    out = X[:, n * block :] @ Y[:, n * block :].T
+    if n > 0:
+        xb = X[:, : n * block].unflatten(1, (n, block)).transpose(0, 1)  # (n, K, block) view
+        yb = Y[:, : n * block].unflatten(1, (n, block)).transpose(0, 1)
+        out = out + torch.bmm(xb, yb.transpose(1, 2)).sum(0)
+    return out
+
+
 def gramian(J: Tensor, reference: Tensor | None = None) -> Tensor:
     """Gramian ``J Jᵀ`` (K×K), optionally extended by a reference row to (K+1)×(K+1).
 
-    Computed with one matrix product in the dtype of ``J`` (one read of ``J``). With a
-    ``reference`` vector r (D,), the result is the Gramian of ``[J; r]`` built without copying
-    ``J``: ``[[J Jᵀ, J r], [rᵀ Jᵀ, r·r]]`` (one more read of ``J`` for ``J r``).
+    One read of ``J`` in its own dtype, accumulated blockwise (see :func:`blocked_products`).
+    With a ``reference`` vector r (D,), the result is the Gramian of ``[J; r]`` built without
+    copying ``J``: ``[[J Jᵀ, J r], [rᵀ Jᵀ, r·r]]`` (one more read of ``J`` for ``J r``).
 
     Args:
         J: (K, D) Jacobian, one row per objective.
@@ -49,14 +85,13 @@ def gramian(J: Tensor, reference: Tensor | None = None) -> Tensor:
         tensor([[ 5.,  5.],
                 [ 5., 10.]])
     """
-    G = J @ J.T
+    G = blocked_products(J, J)
     if reference is None:
         return G
-    r = J @ reference
-    rr = (reference @ reference).reshape(1, 1)
-    top = torch.cat([G, r[:, None]], dim=1)
-    bottom = torch.cat([r[None, :], rr], dim=1)
-    return torch.cat([top, bottom], dim=0)
+    ref = reference[None, :]
+    r = blocked_products(J, ref)  # (K, 1)
+    rr = blocked_products(ref, ref)  # (1, 1)
+    return torch.cat([torch.cat([G, r], dim=1), torch.cat([r.T, rr], dim=1)], dim=0)
 
 
 def merge_scale(
@@ -106,38 +141,64 @@ def merge_scale(
 def combine(
     J: Tensor,
     c: Tensor,
-    shared: Tensor | None = None,
-    masked: bool = False,
+    scale: Tensor | float | None = None,
     nonfinite: Tensor | None = None,
 ) -> Tensor:
-    """The one combination: ``merge_scale(shared, K, masked) ⊙ (Jᵀ c)``, NaN-safe.
+    """The one combination: ``scale ⊙ (Jᵀ c)``, zeros when ``nonfinite``.
 
-    Reads ``J`` once (``c @ J``); the merge scaling and the non-finite guard are in-place
-    passes over the (D,) result.
+    Reads ``J`` once (``c @ J``). A scalar ``scale`` is folded into ``c`` (free); a (D,) scale
+    (from :func:`merge_scale`) and the non-finite guard are in-place passes over the result.
 
     Args:
         J: (K, D) Jacobian.
         c: (K,) combination weights, ``C.sum(0)``.
-        shared: (D,) bool mask of shared parameters, or None (all shared).
-        masked: apply the masked merge (mean on shared, sum elsewhere).
+        scale: the masked-merge factor from :func:`merge_scale` (0-d or (D,)), or None for 1.
         nonfinite: optional 0-d bool tensor; where True the update is all zeros.
 
     Example:
         >>> J = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
-        >>> combine(J, torch.ones(2), torch.tensor([True, False]), masked=True)
+        >>> combine(J, torch.ones(2), merge_scale(torch.tensor([True, False]), 2, masked=True))
         tensor([2., 3.])
     """
-    K = J.shape[0]
-    update = c.to(J.dtype) @ J
-    if masked:
-        if shared is None:
-            update.mul_(1.0 / K)
-        else:
-            # update_d *= 1/K where shared: one fused in-place pass (no boolean indexing, no sync)
-            update.addcmul_(shared.to(update.dtype), update, value=1.0 / K - 1.0)
+    c = c.to(J.dtype)
+    vector_scale = isinstance(scale, Tensor) and scale.ndim > 0
+    if scale is not None and not vector_scale:
+        c = c * scale
+    update = c @ J
+    if vector_scale:
+        update.mul_(scale)
     if nonfinite is not None:
         update.masked_fill_(nonfinite, 0.0)
     return update
+
+
+class MergeScaleCache:
+    """Keeps the last (D,) masked-merge factor, keyed by the identity and version of the mask.
+
+    Building the float factor from the bool mask allocates and writes a D-vector (about half
+    a read of J at D = 20M); a training step usually passes the same mask tensor at every step,
+    so the aggregator builds it once. The key is the mask object itself (a weak reference), its
+    in-place version counter, K, dtype and device, so a changed or new mask is never mistaken
+    for the cached one.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[Any, tuple, Tensor] | None = None
+
+    def get(
+        self, shared: Tensor | None, K: int, masked: bool, dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        if not masked:
+            return None
+        if shared is None or torch.compiler.is_compiling():
+            return merge_scale(shared, K, masked, dtype=dtype, device=device)
+        key = (shared._version, K, dtype, device)
+        entry = self._entry
+        if entry is not None and entry[0]() is shared and entry[1] == key:
+            return entry[2]
+        scale = merge_scale(shared, K, masked, dtype=dtype, device=device)
+        self._entry = (weakref.ref(shared), key, scale)
+        return scale
 
 
 class Coefficients(NamedTuple):
@@ -267,6 +328,9 @@ class Aggregator:
     masked_merge: bool = False
     needs_reference: bool = False
 
+    def __init__(self) -> None:
+        self._scale_cache = MergeScaleCache()
+
     # -- configuration -------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {}
@@ -347,7 +411,8 @@ class Aggregator:
         else:
             G = gramian(J)
         co = self.coefficients(G, names)
-        update = combine(J, co.C.sum(0), shared, self.masked_merge, co.nonfinite)
+        scale = self._scale_cache.get(shared, J.shape[0], self.masked_merge, J.dtype, J.device)
+        update = combine(J, co.C.sum(0), scale, co.nonfinite)
         return AggregationResult.from_gramian(update, G, co, names)
 
     # -- state --------------------------------------------------------------------------------

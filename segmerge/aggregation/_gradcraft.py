@@ -121,6 +121,7 @@ class GradCraft(Aggregator):
     masked_merge = True
 
     def __init__(self, r: float = 0.5, e: float = 0.0, b: float = 0.0) -> None:
+        super().__init__()
         self.r = check_range("GradCraft", "r", r, 0.0, 1.0, hi_open=False)
         self.e = check_range("GradCraft", "e", e, 0.0, None, hi_open=False)
         self.b = check_range("GradCraft", "b", b, 0.0, 1.0, hi_open=True)

@@ -93,6 +93,7 @@ class ProjectionAggregator(Aggregator):
     _clamp: tuple[float, float] | None = None
 
     def __init__(self, order: Any = None, seed: int = 0, masked: bool = True) -> None:
+        super().__init__()
         self.order = _check_order(type(self).__name__, order)
         self.seed = int(seed)
         self.masked_merge = bool(masked)
