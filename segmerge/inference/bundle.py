@@ -58,7 +58,17 @@ def build_predictor(config_file: str | Path | None = None, **overrides: Any) -> 
             ``model_path="models/model.pt"``, ``device="cpu"``, ``overwrite=True``).
     """
     parser = load_bundle_config(config_file, overrides)
-    predictor = parser.get_parsed_content("predictor")
+    try:
+        predictor = parser.get_parsed_content("predictor")
+    except RuntimeError as err:
+        # MONAI wraps every instantiation error in "Failed to instantiate component ..."; surface
+        # our own readable causes (missing weights, weights of another network, bad values).
+        cause: BaseException | None = err.__cause__
+        while cause is not None and not isinstance(cause, (FileNotFoundError, ValueError)):
+            cause = cause.__cause__
+        if cause is not None:
+            raise type(cause)(str(cause)) from err
+        raise
     if not isinstance(predictor, BratsPredictor):
         raise TypeError(
             f"{config_file}: 'predictor' must build a BratsPredictor, got {type(predictor).__name__}"

@@ -123,13 +123,28 @@ def load_weights(
                 break
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
+    # Compare keys and shapes first: torch's own message lists every key, unreadable for a user.
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(
+        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", reshaped),
+            )
+            if keys
+        ]
         raise ValueError(
-            f"{path}: weights do not fit the network of configs/inference.json (was it trained with the "
-            f"same network_def?): {err}"
-        ) from err
+            f"{path}: weights do not fit the network of the bundle config (was it trained with the "
+            f"same network_def as configs/train.json?): {'; '.join(parts)}"
+        )
+    network.load_state_dict(state)
     return network
 
 
