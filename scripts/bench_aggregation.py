@@ -13,8 +13,11 @@ For every (K, D), on the same float32 inputs and 2 CPU threads, it times
   combination), so ``kspace / (2 floor)`` is how far it is from the memory bound.
 
 It prints the speed-up over the literal loop, the multiple of the floor and the max relative
-difference between the two updates. Goal at K=8, D=20M: speed-up >= 15 and kspace within 2x
-of two passes over J.
+difference between the two updates (``--check64`` adds each one's difference from the K-space
+code run in float64: at large D the literal loop's long float32 dot products dominate).
+The fast paths are timed in interleaved rounds (min of each) so that bursts of load on a shared
+machine hit them alike; the literal loop runs once. Goal at K=8, D=20M: speed-up >= 15 and
+kspace within 2x of two passes over J.
 """
 
 from __future__ import annotations
@@ -56,19 +59,12 @@ def make_inputs(K: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return J, shared
 
 
-def best_time(fn, repeat: int, warmup: bool = True) -> tuple[float, object]:
-    """Best wall time of ``repeat`` calls (after one untimed warm-up call when ``warmup``)."""
-    out = fn() if warmup else None
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def make_aggregator(method: str):
+    return GMD() if method == "gmd" else GradCraft(r=0.5, e=0.1)
 
 
 def literal_update(literal, method: str, J: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
@@ -81,35 +77,58 @@ def literal_update(literal, method: str, J: torch.Tensor, shared: torch.Tensor) 
     return literal.literal_masked_merge(rows, shared)
 
 
-def bench_case(literal, method: str, K: int, D: int, repeat: int, with_literal: bool) -> str:
+def bench_shape(literal, methods, K: int, D: int, rounds: int, args) -> list[str]:
+    """Rows of the table for one (K, D): every fast path timed in interleaved rounds (min of
+    each), so that a burst of load on a shared machine hits all of them alike."""
     J, shared = make_inputs(K, D)
     c = torch.randn(K)
-    floor, _ = best_time(lambda: c @ J, repeat)
-    gram, _ = best_time(lambda: gramian(J), repeat)
-    # one aggregator across calls, as in training (the (D,) merge factor is built once)
-    agg = GMD() if method == "gmd" else GradCraft(r=0.5, e=0.1)
-    kspace, ours = best_time(lambda: agg(J, shared=shared).update, repeat)
-    if with_literal:
-        slow, ref = best_time(lambda: literal_update(literal, method, J, shared), 1, False)
-        speedup, diff = f"{slow / kspace:9.1f}", f"{rel_diff(ours, ref):13.2e}"
-        slow_ms = f"{slow * 1e3:11.1f}"
-    else:
-        slow_ms, speedup, diff = f"{'-':>11s}", f"{'-':>9s}", f"{'-':>13s}"
-    return (
-        f"{method:9s} {K:3d} {D:10,d} {floor * 1e3:9.1f} {gram * 1e3:8.1f} {kspace * 1e3:10.1f} "
-        f"{slow_ms} {speedup} {kspace / floor:8.2f} {kspace / (2 * floor):11.2f} {diff}"
-    )
+    # one aggregator per method across calls, as in training (the (D,) merge factor is built once)
+    fast = {"floor": lambda: c @ J, "gram": lambda: gramian(J)}
+    aggs = {m: make_aggregator(m) for m in methods}
+    for m, agg in aggs.items():
+        fast[m] = lambda agg=agg: agg(J, shared=shared).update
+    best = {name: float("inf") for name in fast}
+    out = {name: fn() for name, fn in fast.items()}  # warm-up
+    for _ in range(rounds):
+        for name, fn in fast.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    lines = []
+    for m in methods:
+        kspace = best[m]
+        cells = [f"{m:9s} {K:3d} {D:10,d}", f"{best['floor'] * 1e3:9.1f}"]
+        cells += [f"{best['gram'] * 1e3:8.1f}", f"{kspace * 1e3:10.1f}"]
+        if args.no_literal:
+            cells += [f"{'-':>11s}", f"{'-':>9s}"]
+        else:
+            start = time.perf_counter()
+            ref = literal_update(literal, m, J, shared)
+            slow = time.perf_counter() - start
+            cells += [f"{slow * 1e3:11.1f}", f"{slow / kspace:9.1f}"]
+        cells += [f"{kspace / best['floor']:8.2f}", f"{kspace / (2 * best['floor']):11.2f}"]
+        cells.append(f"{'-':>13s}" if args.no_literal else f"{rel_diff(out[m], ref):13.2e}")
+        if args.check64:  # both float32 updates against the K-space code in float64
+            exact = make_aggregator(m)(J.double(), shared=shared).update
+            cells.append(f"{rel_diff(out[m], exact):10.2e}")
+            cells.append(f"{'-':>10s}" if args.no_literal else f"{rel_diff(ref, exact):10.2e}")
+            del exact
+        lines.append(" ".join(cells))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (K 4, 8; D 100k)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repeats of the fast paths")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the fast paths")
     parser.add_argument("--methods", default="gmd,gradcraft", help="comma list of gmd, gradcraft")
     parser.add_argument("--ks", type=int, nargs="*", help="override the list of K")
     parser.add_argument("--ds", type=int, nargs="*", help="override the list of D")
     parser.add_argument("--no-literal", action="store_true", help="skip the slow literal loop")
+    parser.add_argument(
+        "--check64", action="store_true", help="also compare both updates with float64 K-space"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -122,19 +141,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--methods: unknown method {method!r}; choose gmd, gradcraft")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs"
+        f"{platform.machine()}, {os.cpu_count()} CPUs, min of {args.rounds} rounds"
     )
-    print(
+    header = (
         f"{'method':9s} {'K':>3s} {'D':>10s} {'floor ms':>9s} {'gram ms':>8s} {'kspace ms':>10s}"
         f" {'literal ms':>11s} {'speed-up':>9s} {'x floor':>8s} {'x 2 passes':>11s}"
         f" {'max rel diff':>13s}"
     )
+    if args.check64:
+        header += f" {'ks vs f64':>10s} {'lit vs f64':>10s}"
+    print(header)
     for D in Ds:
         for K in Ks:
-            for method in methods:
-                print(
-                    bench_case(literal, method, K, D, args.repeat, not args.no_literal), flush=True
-                )
+            for line in bench_shape(literal, methods, K, D, args.rounds, args):
+                print(line, flush=True)
     return 0
 
 

@@ -540,3 +540,18 @@ def test_merge_scale_cache_follows_the_mask():
     other = torch.arange(12) >= 6
     assert torch.equal(agg(J, shared=other).update, GMD()(J, shared=other.clone()).update)
     assert torch.equal(agg(J[:2], shared=other).update, GMD()(J[:2], shared=other).update)
+
+
+def test_blocked_gramian_matches_float64():
+    """Blocks plus a remainder; float32 accuracy close to resolution (one long product is not)."""
+    from segmerge.aggregation import GRAM_BLOCK
+
+    gen = torch.Generator().manual_seed(8)
+    J = torch.randn(6, 3 * GRAM_BLOCK + 123, generator=gen) + 0.5
+    reference = torch.randn(J.shape[1], generator=gen)
+    exact = torch.cat([J, reference[None]]).double()
+    exact = exact @ exact.T
+    G = gramian(J, reference)
+    assert G.shape == (7, 7) and G.dtype == torch.float32
+    assert float(((G.double() - exact).abs() / exact.abs().max()).max()) < 1e-6
+    assert torch.equal(gramian(J), G[:6, :6])

@@ -26,6 +26,7 @@ from ._blending import (
     interval_blending_weights,
 )
 from ._core import (
+    GRAM_BLOCK,
     AggregationResult,
     Aggregator,
     Coefficients,
@@ -44,6 +45,7 @@ from ._sum import Sum, sum_coefficients
 
 __all__ = [
     "AGGREGATORS",
+    "GRAM_BLOCK",
     "AggregationResult",
     "Aggregator",
     "Blending",
