@@ -95,6 +95,22 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) 
     return (f / (f.std() + 1e-8)).astype(np.float32)
 
 
+def _keep_components(
+    mask: np.ndarray, keep_sizes, seed_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Connected components of ``mask`` selected by size (and, if given, touching ``seed_mask``)."""
+    lab, n = ndimage.label(mask)
+    if n <= 1 and seed_mask is None:
+        return mask
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    keep = np.asarray(keep_sizes(sizes), bool) if n else np.zeros(0, bool)
+    if seed_mask is not None:
+        touching = np.zeros(n + 1, bool)
+        touching[np.unique(lab[seed_mask])] = True
+        keep &= touching[1:]
+    return np.concatenate([[False], keep])[lab]
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
     return q * np.sign(np.diag(r))
@@ -131,7 +147,7 @@ def make_phantom_case(
     # Edema covers the tumour core and stretches along WM: its nominal sphere is a bit smaller
     # than the target volume's sphere.
     r_wt = 0.8 * (3 * wt_cc * 1000 / (4 * np.pi)) ** (1 / 3)
-    r_tc = r_wt * rng.uniform(0.55, 0.9)
+    r_tc = r_wt * rng.uniform(0.5, 1.05)
     r_ncr = r_tc * rng.uniform(0.5, 0.8)
     # Centre: deep white matter, far enough from the brain surface to hold most of the core.
     ok = (anat.wm > 0.4) & (anat.depth > min(0.8 * r_tc + 2 * sp.max(), 0.6 * anat.depth.max()))
@@ -166,15 +182,24 @@ def make_phantom_case(
     comps = [rot[0, k] * gx + rot[1, k] * gy + rot[2, k] * gz for k in range(3)]
     r_ell = np.sqrt(sum((c / a) ** 2 for c, a in zip(comps, axes)))
     del comps
-    n_shape = 0.7 * _smooth_noise(rng, shape, 4) + 0.3 * _smooth_noise(rng, shape, 8)
-    r_irr = r_ell * (1.0 + 0.2 * n_shape)
+    # Lobes at the scale of the tumour: noise with about one bump per core radius.
+    extent = float(np.max(np.array(shape) * sp))
+    cells = int(np.clip(round(extent / max(r_tc, 6.0)), 4, max(4, shape[0] // 3)))
+    cells2 = int(min(2 * cells, max(4, shape[0] // 2)))
+    n_shape = 0.75 * _smooth_noise(rng, shape, cells) + 0.45 * _smooth_noise(rng, shape, cells2)
+    r_irr = r_ell * np.maximum(1.0 + 0.3 * n_shape, 0.6)
     tc = (r_irr < r_tc) & mask
-    ncr = (r_irr * (1.0 + 0.12 * _smooth_noise(rng, shape, 6)) < r_ncr) & tc
+    ncr = (r_irr * (1.0 + 0.2 * _smooth_noise(rng, shape, cells2)) < r_ncr) & tc
     # Edema reach is stretched where there is white matter (fibre tracts) and shrunk in cortex.
     wm_s = ndimage.gaussian_filter(wm, 1.0)
-    reach = r_irr / (0.75 + 0.45 * wm_s)
-    edema = (reach * (1.0 + 0.15 * _smooth_noise(rng, shape, 5)) < r_wt) & mask & (csf < 0.6)
-    wt = edema | tc
+    reach = r_irr / (0.65 + 0.7 * wm_s)
+    n_edema = _smooth_noise(rng, shape, cells2)
+    edema = (reach * np.maximum(1.0 + 0.3 * n_edema, 0.7) < r_wt) & mask & (csf < 0.6)
+    # One lesion: drop core crumbs (< 10 % of the largest core piece) and edema islands that do
+    # not touch the core.
+    tc = _keep_components(tc, lambda sizes: sizes >= 0.1 * sizes.max())
+    wt = _keep_components(edema | tc, lambda sizes: np.ones_like(sizes, bool), seed_mask=tc)
+    edema, ncr = edema & wt, ncr & tc
     if not has_et:
         ncr, enh = tc, np.zeros_like(tc)
     elif not has_ncr:
@@ -195,7 +220,7 @@ def make_phantom_case(
         for t, col in TISSUE_MEANS.items()
     }
     frac_sum = np.maximum(wm + gm + csf, 1e-3)
-    tex = 1.0 + 0.05 * _smooth_noise(rng, shape, 10)
+    tex = 1.0 + 0.07 * _smooth_noise(rng, shape, max(4, shape[0] // 4))
     images: dict[str, np.ndarray] = {}
     for m in MODALITIES:
         mix = (wm * means["wm"][m] + gm * means["gm"][m] + csf * means["csf"][m]) / frac_sum
