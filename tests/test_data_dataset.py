@@ -177,3 +177,28 @@ def test_cli_phantoms_with_preview_then_check_data(tmp_path, capsys):
     assert "OK: 2 cases" in capsys.readouterr().out
     assert check_data_main([str(out), "--quiet"]) == 1  # declared et_label 3, configured 4
     assert "declared et_label" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown layout"):
+        write_phantom_dataset(tmp_path / "a", 2, size=24, layout="brats2020", progress=False)
+    with pytest.raises(ValueError, match="cases must be at least 1"):
+        write_phantom_dataset(tmp_path / "a", 0, size=24, progress=False)
+    with pytest.raises(ValueError, match="et_label"):
+        write_phantom_dataset(tmp_path / "a", 1, size=24, et_label=2, progress=False)
+    with pytest.raises(ValueError, match="val_fraction"):
+        write_phantom_dataset(tmp_path / "a", 1, size=24, val_fraction=1.5, progress=False)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_phantom_dataset(tmp_path / "file", 1, size=24, progress=False)
+
+
+def test_mixed_layouts_are_refused(ds2021, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ds2021, mixed)
+    (mixed / "dataset.json").unlink()
+    write_phantom_dataset(tmp_path / "g", 1, size=24, layout="brats2023", progress=False)
+    shutil.copytree(tmp_path / "g" / "BraTS-GLI-00000-000", mixed / "BraTS-GLI-00000-000")
+    with pytest.raises(DatasetError, match="mix BraTS layouts"):
+        load_dataset(mixed)

@@ -146,3 +146,12 @@ def test_et_label_3_regions(tmp_path):
     with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps a transform's error
         val_transforms(et_label=4)(with_et)
     assert "label has values [3]" in str(err.value.__cause__)
+
+
+def test_several_patches_per_case(spec):
+    samples = train_transforms(patch_size=16, num_samples=3, seed=2)(spec.training[0])
+    assert len(samples) == 3
+    for s in samples:
+        assert set(s) == {"image", "label", "available", "case_id"}
+        assert s["image"].shape == (4, 16, 16, 16)
+    assert not torch.equal(samples[0]["image"], samples[1]["image"])

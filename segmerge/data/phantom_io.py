@@ -73,11 +73,11 @@ def write_phantom_dataset(
         raise ValueError(f"cases must be at least 1, got {cases}")
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    split_cases([], val_fraction)  # validates val_fraction before any work
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    split_cases([], val_fraction)  # validates val_fraction early
     jobs = [(str(out), i, int(size), int(seed), et_label, layout) for i in range(int(cases))]
     from tqdm.auto import tqdm
 
