@@ -157,3 +157,21 @@ def test_bad_input_paths_raise_clear_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(ValueError, match="no case folders"):
         discover_cases(tmp_path / "flat")
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_discovery_of_the_data_packages_layouts(tmp_path, layout):
+    """Folders and datalists written by segmerge.data are found with all four sequences + label."""
+    from segmerge.data import write_phantom_dataset
+
+    datalist = write_phantom_dataset(tmp_path, cases=2, size=16, layout=layout, progress=False)
+    for source in (datalist.parent, datalist):
+        cases = discover_cases(source)
+        assert len(cases) == 2
+        for case in cases:
+            assert case.problem is None, case.problem
+            assert case.available == (True, True, True, True)
+            assert case.label is not None and case.label.is_file()
+    ids_folder = sorted(c.case_id for c in discover_cases(datalist.parent))
+    ids_list = sorted(c.case_id for c in discover_cases(datalist))
+    assert ids_folder == ids_list
