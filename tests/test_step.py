@@ -362,3 +362,40 @@ def test_real_network_dropped_modality_rows_leave_the_step():
     # the t2 auxiliary head has no objective this step: no gradient at all
     assert all(p.grad is None for p in net.aux_heads["t2"].parameters())
     assert all(p.grad is not None for p in net.aux_heads["t1"].parameters())
+
+
+def test_blending_gradient_estimator_gets_the_validation_reference_row():
+    from segmerge.aggregation import build_aggregator
+
+    net = TinyDSNet()
+    layout = ParamLayout(list(net.parameters()))
+    x, t = batch(seed=0)
+    xv, tv = batch(seed=5)
+    nl = named_losses(net(x), t)
+    k = len(nl.names)
+    J = torch.empty(k, layout.dim)
+    found = jacobian_loop(objective_roots(nl.losses), layout, J, torch.ones(()))
+    shared = found[0]
+    for r in found:
+        shared &= r
+    ref = torch.zeros(layout.dim)
+    grads = torch.autograd.grad(
+        named_losses(net(xv), tv).losses[0], layout.params, allow_unused=True
+    )
+    for g, v in zip(grads, layout.views(ref)):
+        if g is not None:
+            v.copy_(g)
+    expected = build_aggregator("blending", estimator="gradient")(
+        J, shared=layout.element_mask(shared), names=nl.names, reference=ref
+    ).update
+    agg = build_aggregator("blending", estimator="gradient")
+    ts = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.0), agg, strategy="loop")
+    with pytest.raises(ValueError, match="reference_losses"):
+        ts.step(named_losses(net(x), t))
+    vl = named_losses(net(xv), tv)
+    ts.step(named_losses(net(x), t), reference_losses=vl.losses[:1])
+    got = torch.cat(
+        [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in layout.params]
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert got.abs().sum() > 0

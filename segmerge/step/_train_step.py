@@ -298,6 +298,7 @@ class TrainStep:
         self, losses: Tensor, roots: list, reach: list[int], J: Tensor, seed: Tensor, retain: bool
     ) -> tuple[list[int], int]:
         """Fill J; return (reach, number of backward passes)."""
+        seed = seed.to(losses.dtype)  # cotangents must match the losses' dtype (autocast)
         if self.resolved_strategy() == "batched":
             first = self._batched_ok is None
             try:
@@ -335,7 +336,12 @@ class TrainStep:
     ) -> StepReport:
         k, d = len(names), self.layout.dim
         agg = self.aggregator
-        use_ref = bool(getattr(agg, "needs_reference", False)) and reference_losses is not None
+        use_ref = bool(getattr(agg, "needs_reference", False))
+        if use_ref and reference_losses is None:
+            raise ValueError(
+                f"TrainStep.step: {agg!r} needs a reference gradient: pass reference_losses= "
+                "(the fused objective on a validation batch)"
+            )
         rows = k + (1 if use_ref else 0)
         buf = self._buffer(rows, k)
         J = buf[: k * d].view(k, d)
@@ -344,7 +350,7 @@ class TrainStep:
         if use_ref:
             ref = reference_losses.losses if hasattr(reference_losses, "losses") else reference_losses
             reference = buf[k * d : rows * d]
-            gradient_into(ref.sum(), seed, self.layout, reference)
+            gradient_into(ref.sum(), seed.to(ref.dtype), self.layout, reference)
             passes += 1
         if self.scaler is not None:
             buf[: rows * d].div_(seed)  # unscale before the Gramian: scale-correct aggregation
