@@ -1,0 +1,223 @@
+"""Evaluate one trained model on the validation cases with every non-empty subset of sequences.
+
+This is ``python -m segmerge evaluate --subsets all`` called through its Python API
+(:func:`segmerge.inference.evaluate.evaluate_subsets`, the bundle's predictor built from
+``configs/inference.json``), restricted to the validation cases: they are written to a small
+datalist first, so training cases are never scored. Each case is read once and predicted 15
+times, once per subset of ``flair, t1, t1ce, t2`` (the other sequences zeroed and marked
+unavailable, which is what a case lacking them looks like to the network). Metrics follow the
+inference package's conventions: Dice per region; HD95 in mm, 0 when both masks are empty and
+373.13 when exactly one is.
+
+The subset with all four sequences is the plain validation score. Subset names join sequence names
+with ``+`` in canonical order (``flair+t1+t1ce+t2``); MLflow keys use ``-`` instead (``+`` is not
+allowed in a metric key).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segmerge.conventions import MODALITIES, REGIONS
+
+__all__ = [
+    "ALL_SEQUENCES",
+    "T1CE_MISSING",
+    "SubsetScores",
+    "EvaluationResult",
+    "write_validation_datalist",
+    "evaluate_model",
+]
+
+ALL_SEQUENCES = "+".join(MODALITIES)
+"""Name of the full subset (``flair+t1+t1ce+t2``)."""
+
+T1CE_MISSING = "+".join(m for m in MODALITIES if m != "t1ce")
+"""The three-sequence subset without T1ce (``flair+t1+t2``): the question users ask first."""
+
+
+@dataclass
+class SubsetScores:
+    """Mean scores of one subset over the evaluated cases.
+
+    Attributes:
+        dice: region -> mean Dice, plus ``mean`` (mean over the three regions).
+        hd95: region -> mean HD95 in mm, plus ``mean``.
+        n_cases: number of cases scored.
+    """
+
+    dice: dict[str, float]
+    hd95: dict[str, float]
+    n_cases: int
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one model on every subset of sequences.
+
+    Attributes:
+        subsets: subset name (``+``-joined) -> scores, in the order evaluated (largest first).
+    """
+
+    subsets: dict[str, SubsetScores]
+
+    @property
+    def full(self) -> SubsetScores:
+        """Scores with all four sequences (the validation-set result)."""
+        return self.subsets[ALL_SEQUENCES]
+
+    def robustness(self) -> dict[str, Any]:
+        """Mean of the subsets' mean Dice, the worst subset and its mean Dice."""
+        means = {name: s.dice["mean"] for name, s in self.subsets.items()}
+        finite = {k: v for k, v in means.items() if math.isfinite(v)}
+        if not finite:
+            return {
+                "dice_mean_over_subsets": float("nan"),
+                "worst_subset": "",
+                "worst_dice": float("nan"),
+            }
+        worst = min(finite, key=lambda k: (finite[k], k))
+        return {
+            "dice_mean_over_subsets": float(np.mean(list(finite.values()))),
+            "worst_subset": worst,
+            "worst_dice": finite[worst],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (inverse of :meth:`from_dict`)."""
+        return {
+            "subsets": {
+                k: {"dice": v.dice, "hd95": v.hd95, "n_cases": v.n_cases}
+                for k, v in self.subsets.items()
+            }
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(
+            {
+                k: SubsetScores(dict(v["dice"]), dict(v["hd95"]), int(v["n_cases"]))
+                for k, v in data["subsets"].items()
+            }
+        )
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> EvaluationResult:
+        """From the rows of :func:`segmerge.inference.evaluate.evaluate_subsets`."""
+        subsets = {}
+        for row in rows:
+            dice = {r: float(row[f"dice_{r}"]) for r in REGIONS}
+            hd95 = {r: float(row[f"hd95_{r}"]) for r in REGIONS}
+            dice["mean"] = float(np.mean(list(dice.values())))
+            hd95["mean"] = float(np.mean(list(hd95.values())))
+            subsets[str(row["subset"])] = SubsetScores(dice, hd95, int(row["n_cases"]))
+        return cls(subsets)
+
+    def mlflow_metrics(self, prefix: str = "study") -> dict[str, float]:
+        """Flat keys: ``study/dice/wt``, ``study/subset/flair-t2/dice_mean``, ``study/robust/...``."""
+        out: dict[str, float] = {}
+        for region, value in self.full.dice.items():
+            out[f"{prefix}/dice/{region}"] = value
+        for region, value in self.full.hd95.items():
+            out[f"{prefix}/hd95/{region}"] = value
+        for name, scores in self.subsets.items():
+            out[f"{prefix}/subset/{name.replace('+', '-')}/dice_mean"] = scores.dice["mean"]
+        rob = self.robustness()
+        out[f"{prefix}/robust/dice_mean_over_subsets"] = rob["dice_mean_over_subsets"]
+        out[f"{prefix}/robust/worst_dice"] = rob["worst_dice"]
+        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+
+def write_validation_datalist(items: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write ``{"validation": items}`` with absolute paths (atomically) and return its path.
+
+    Raises:
+        ValueError: no item, or an item without a label.
+    """
+    from segmerge.inference import atomic_write_text
+
+    if not items:
+        raise ValueError("evaluation needs at least one validation case, the dataset has none")
+    rows = []
+    for item in items:
+        if not item.get("label"):
+            raise ValueError(
+                f"validation case {item.get('case_id', '?')}: no label to score against"
+            )
+        row = {"case_id": str(item["case_id"])} if item.get("case_id") else {}
+        for key in (*MODALITIES, "label"):
+            if item.get(key):
+                row[key] = str(Path(item[key]).resolve())
+        rows.append(row)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"validation": rows}, indent=1) + "\n")
+    return path
+
+
+def evaluate_model(
+    model_path: str | Path,
+    datalist: str | Path,
+    network_def: Mapping[str, Any],
+    roi_size: int,
+    et_label: int = 4,
+    device: str = "cpu",
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    out_dir: str | Path | None = None,
+    config_file: str | Path | None = None,
+) -> EvaluationResult:
+    """Score a trained model on every subset of sequences of the cases of ``datalist``.
+
+    Args:
+        model_path: state dict written by training (``<bundle>/models/model.pt``).
+        datalist: datalist of the cases to score (:func:`write_validation_datalist`).
+        network_def: the training configuration's ``network_def`` (bundle data with
+            ``_target_``), so that the weights fit the network.
+        roi_size: sliding-window edge; the training patch size.
+        et_label: enhancing-tumour label of the ground truth and the predictions (4 or 3).
+        device: where the network runs (``cpu``, ``cuda``, ``cuda:1``).
+        overlap: sliding-window overlap (gaussian blending).
+        sw_batch_size: windows per forward pass.
+        out_dir: where ``robustness.csv`` / ``robustness.md`` are written (the files of
+            ``python -m segmerge evaluate --subsets all``); ``None`` writes nothing.
+        config_file: inference bundle config (default: the repository's).
+
+    Returns:
+        Mean scores per subset (15 subsets).
+
+    Raises:
+        ValueError: the weights do not fit ``network_def``, or no case could be scored.
+    """
+    from segmerge.inference import build_predictor
+    from segmerge.inference.evaluate import evaluate_subsets, write_robustness
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictor = build_predictor(
+        config_file,
+        model_path=str(Path(model_path).resolve()),
+        device=str(device),
+        network_def=dict(network_def),
+        roi_size=[int(roi_size)] * 3,
+        overlap=float(overlap),
+        sw_batch_size=int(sw_batch_size),
+        et_label=int(et_label),
+    )
+    rows = evaluate_subsets(predictor, datalist, "all")
+    if out_dir is not None:
+        write_robustness(rows, out_dir)
+    result = EvaluationResult.from_rows(rows)
+    if ALL_SEQUENCES not in result.subsets or result.full.n_cases == 0:
+        raise ValueError(f"{datalist}: no validation case could be scored (see the log above)")
+    return result
