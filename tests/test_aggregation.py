@@ -555,3 +555,28 @@ def test_blocked_gramian_matches_float64():
     assert G.shape == (7, 7) and G.dtype == torch.float32
     assert float(((G.double() - exact).abs() / exact.abs().max()).max()) < 1e-6
     assert torch.equal(gramian(J), G[:6, :6])
+
+
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_agnostic_and_sync_free(device):
+    """Every aggregator runs on the meta device, where reading a tensor value (``.item()``,
+    ``bool(t)``, ``if t:``) raises and tensors of two devices cannot be mixed: so no code path
+    syncs with the host or creates its tensors on the CPU. On CUDA (when present) the results
+    stay on the device and match the CPU."""
+    gen = torch.Generator().manual_seed(9)
+    J = torch.randn(5, 64, generator=gen)
+    shared = torch.arange(64) < 20
+    reference = torch.randn(64, generator=gen)
+    for agg, cpu_agg in zip(make_all(), make_all()):
+        for _ in range(2):  # second step runs with state
+            res = call(agg, J.to(device), shared.to(device), reference=reference.to(device))
+            expected = call(cpu_agg, J, shared, reference=reference)
+            for name in ("update", "C", "weights", "cosine", "alpha", "n_conflicts", "norms"):
+                value = getattr(res, name)
+                assert value.device.type == device, (repr(agg), name)
+                assert value.shape == getattr(expected, name).shape
+            if device != "meta":
+                assert close(res.update.cpu(), expected.update, rtol=1e-4), repr(agg)

@@ -8,8 +8,9 @@ combination of the rows of ``J``::
 
 so an aggregation reads ``J`` twice (once for ``G``, once for the combination) and does only
 K×K arithmetic in between. Nothing here calls ``.item()`` or branches in Python on a tensor
-value, so the same code runs on CUDA without host-device synchronisation and compiles with
-``torch.compile(fullgraph=True)``.
+value, so the same code runs on CUDA without host-device synchronisation from segmerge (only
+``torch.linalg.pinv`` in GradCraft checks convergence inside PyTorch) and every aggregator's
+``__call__`` compiles with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GRAM_BLOCK",
     "AggregationResult",
     "Aggregator",
     "Coefficients",
@@ -116,7 +118,7 @@ def merge_scale(
         shared: (D,) bool mask, True where every objective reaches the parameter; or None.
         K: number of objectives (rows of J) in this step.
         masked: whether the aggregator uses the masked merge.
-        dtype: dtype of the returned factor (default: float32 / that of ``shared``'s use).
+        dtype: dtype of the returned factor (default: ``torch.get_default_dtype()``).
         device: device of the returned factor (default: that of ``shared``).
 
     Returns:
@@ -271,7 +273,9 @@ class AggregationResult:
         norms = torch.diagonal(Gk).clamp_min(0).sqrt()
         outer = norms[:, None] * norms[None, :]
         cosine = torch.where(outer > 0, Gk / torch.where(outer > 0, outer, 1), 0)
-        n_conflicts = torch.triu(Gk < 0, diagonal=1).sum()
+        idx = torch.arange(K, device=Gk.device)
+        # conflicting pairs i < j
+        n_conflicts = ((Gk < 0) & (idx[:, None] < idx[None, :])).sum()
         return cls(
             update=update,
             C=C,
