@@ -237,9 +237,8 @@ def make_phantom_case(
         else:
             healthy = mix
         img = np.where(mask, healthy, 0.0).astype(np.float32)
-        img[edema] = (1 - EDEMA_INFILTRATION) * img[edema] + EDEMA_INFILTRATION * means["edema"][
-            m
-        ] * tex[edema]
+        edema_signal = means["edema"][m] * tex[edema]
+        img[edema] = (1 - EDEMA_INFILTRATION) * img[edema] + EDEMA_INFILTRATION * edema_signal
         img[ncr] = means["necrosis"][m] * tex[ncr]
         img[enh] = means["enhancing"][m] * tex[enh]
         # Acquisition: bias field, blur, gain, Rician noise, skull-stripped background.
