@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from segmerge.conventions import MODALITIES, check_et_label
+from segmerge.data.anatomy import mni_anatomy
 from segmerge.data.dataset import DATALIST_NAME, case_file_names, case_id_for, split_cases
 from segmerge.data.nifti import save_nifti, write_bytes_atomic
 from segmerge.data.phantom import make_phantom_case
@@ -93,6 +94,8 @@ def write_phantom_dataset(
             # fork where available: a spawned worker re-imports torch/MONAI (10-20 s on a busy
             # 2-core machine); the workers only run numpy/scipy, so no torch thread pool is used.
             method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            if method == "fork":
+                mni_anatomy(int(size))  # resample once here; forked workers inherit the cache
             with ProcessPoolExecutor(
                 max_workers=int(workers), mp_context=get_context(method)
             ) as ex:
