@@ -18,7 +18,12 @@ from segmerge.data.phantom import make_phantom_case
 
 
 def case_seed(seed: int, index: int) -> int:
-    """Seed of the ``index``-th case of a dataset generated with ``seed`` (independent streams)."""
+    """Seed of the ``index``-th case of a dataset generated with ``seed`` (independent streams).
+
+    Args:
+        seed: dataset seed.
+        index: case number (0-based).
+    """
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 

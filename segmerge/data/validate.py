@@ -240,7 +240,11 @@ def filter_valid(
 
 
 def format_problems(problems: Sequence[Problem]) -> str:
-    """One line per problem: ``case | file | rule | value`` (paths shortened to their last parts)."""
+    """One line per problem: ``case | file | rule | value`` (paths shortened to their last parts).
+
+    Args:
+        problems: output of :func:`validate_dataset`.
+    """
     lines = []
     for p in problems:
         f = p.file
