@@ -74,6 +74,10 @@ def test_auto_detect_datalist_folder_file_and_brats2021(ds2021, tmp_path):
     (plain / "dataset.json").unlink()
     spec = load_dataset(plain, val_fraction=0.4)
     assert spec.layout == "brats2021" and len(spec.training) == 3 and len(spec.validation) == 2
+    wrapped = tmp_path / "archive"
+    wrapped.mkdir()
+    shutil.copytree(plain, wrapped / "BraTS2021_TrainingData")
+    assert len(load_dataset(wrapped)) == 5
     # A case without seg becomes a testing case.
     next((plain / "BraTS2021_00004").glob("*_seg.nii.gz")).unlink()
     spec = load_dataset(plain)

@@ -198,18 +198,30 @@ def _detect_case_layout(folder: Path) -> str | None:
     return None
 
 
+def _scan_cases(entries: list[Path]) -> list[tuple[Path, str]]:
+    cases = []
+    for d in entries:
+        if d.is_dir() and not d.name.startswith("."):
+            layout = _detect_case_layout(d)
+            if layout is not None:
+                cases.append((d, layout))
+    return cases
+
+
 def _from_folder(
     root: Path, et_label: int, allow_missing: bool, val_fraction: float, seed: int
 ) -> DatasetSpec:
     entries = sorted(root.iterdir())
     if not entries:
         raise DatasetError(f"{root}: empty folder (no dataset.json and no case folders)")
-    cases: list[tuple[Path, str]] = []
-    for d in entries:
-        if d.is_dir() and not d.name.startswith("."):
-            layout = _detect_case_layout(d)
-            if layout is not None:
-                cases.append((d, layout))
+    cases = _scan_cases(entries)
+    if not cases:
+        # Official archives unpack into one wrapper folder (e.g. BraTS2021_TrainingData/): look
+        # one level down when exactly one subfolder holds cases.
+        nested = [_scan_cases(sorted(d.iterdir())) for d in entries if d.is_dir()]
+        nested = [c for c in nested if c]
+        if len(nested) == 1:
+            cases = nested[0]
     if not cases:
         raise DatasetError(
             f"{root}: no {DATALIST_NAME} and no BraTS case folders found (expected "
