@@ -109,6 +109,7 @@ def check_data_main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--affine-tol", type=float, default=1e-3, help="affine tolerance in mm (default 1e-3)"
     )
+    ap.add_argument("--workers", type=int, default=2, help="cases read at once (default 2)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     from segmerge.data.validate import format_problems, validate_dataset
@@ -119,7 +120,9 @@ def check_data_main(argv: list[str] | None = None) -> int:
         print(f"* | {args.path} | dataset readable | {e}")
         print("1 problem: the dataset cannot be read", file=sys.stderr)
         return 1
-    problems = validate_dataset(spec, affine_tol=args.affine_tol, progress=not args.quiet)
+    problems = validate_dataset(
+        spec, affine_tol=args.affine_tol, progress=not args.quiet, workers=args.workers
+    )
     n_cases = len(spec)
     if problems:
         print("case | file | rule | found")
