@@ -121,3 +121,34 @@ def test_small_cases_are_fast():
         make_phantom_case(size=32, seed=s)
     per_case = (time.perf_counter() - t0) / 5
     assert per_case < 0.5, per_case
+
+
+def _distance_mm(case, size):
+    sp = mni_anatomy(size).spacing
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1)
+    return np.sqrt((((grid - np.array(case.info["center_vox"])) * sp) ** 2).sum(-1))
+
+
+def test_edema_follows_white_matter_and_anatomy_is_pushed(cases):
+    anat = mni_anatomy(40)
+    for c in cases:
+        r = _distance_mm(c, 40)
+        edema = c.label == 2
+        shell = (r <= r[edema].max()) & (c.label == 0) & (c.images["t1"] > 0)
+        # Edema favours white matter compared with healthy tissue at the same distances.
+        assert c.tissues["wm"][edema].mean() >= c.tissues["wm"][shell].mean(), c.info
+        # Mass effect: tissue maps moved near the tumour, (almost) untouched far away.
+        moved = np.abs(c.tissues["wm"] - anat.wm)
+        assert moved[r < 20].max() > 0.1
+        assert moved[r > 80].mean() < 0.02
+
+
+def test_acquisition_noise_and_bias_present(cases):
+    c = cases[1]
+    wm = (c.tissues["wm"] > 0.95) & (c.label == 0)
+    for m in MODALITIES:
+        x = c.images[m][wm]
+        cv = x.std() / x.mean()
+        assert 0.01 < cv < 0.3, (m, cv)  # noise + bias, but WM stays recognisable
+    # Independent noise per sequence: two sequences are not perfectly correlated inside WM.
+    assert np.corrcoef(c.images["t1"][wm], c.images["t1ce"][wm])[0, 1] < 0.99
