@@ -150,21 +150,22 @@ def gradient_blending_weights(val: Tensor, sigma2: Tensor) -> Tensor:
     return torch.where(total > 0, raw / torch.where(total > 0, total, 1), uniform)
 
 
-def _ogr_between(
+def _interval_between(
     before: tuple[Mapping[str, float], Mapping[str, float]],
     after: tuple[Mapping[str, float], Mapping[str, float]],
     eps: float,
-    previous: Mapping[str, float] | None = None,
-) -> tuple[dict[str, float], dict[str, float], bool]:
-    """OGR and interval weights per head between two observations (heads seen in both)."""
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """OGR and interval weights per head between two (train, val) observations, over the heads
+    seen in both; the weights are None when no head generalised (every ΔG ≤ 0)."""
     heads = [h for h in after[0] if h in after[1] and h in before[0] and h in before[1]]
     if not heads:
-        return {}, {}, False
+        return {}, None
     cols = [[float(obs[h]) for h in heads] for obs in (before[0], before[1], after[0], after[1])]
-    tensors = [torch.tensor(c, dtype=torch.float64) for c in cols]
-    w, ogr = interval_blending_weights(*tensors, eps=eps)
-    gained = any(b - a > 0 for b, a in zip(cols[1], cols[3]))
-    return dict(zip(heads, ogr.tolist())), dict(zip(heads, w.tolist())), gained
+    w, ogr = interval_blending_weights(
+        *(torch.tensor(c, dtype=torch.float64) for c in cols), eps=eps
+    )
+    gained = any(v_before > v_after for v_before, v_after in zip(cols[1], cols[3]))
+    return dict(zip(heads, ogr.tolist())), dict(zip(heads, w.tolist())) if gained else None
 
 
 class OGRTracker:
@@ -194,7 +195,7 @@ class OGRTracker:
         )
         ogr: dict[str, float] = {}
         if self._last is not None:
-            ogr, _, _ = _ogr_between(self._last, current, eps=1e-8)
+            ogr, _ = _interval_between(self._last, current, eps=1e-8)
             self.history.append(ogr)
         self._last = current
         return ogr
@@ -304,9 +305,9 @@ class Blending(Aggregator):
         if self._anchor is None or self._n_obs <= self.warmup:
             self._anchor, self._anchor_obs = current, self._n_obs
         elif self._n_obs - self._anchor_obs >= self.super_epoch:
-            ogr, weights, gained = _ogr_between(self._anchor, current, self.eps)
+            ogr, weights = _interval_between(self._anchor, current, self.eps)
             self.ogr_history.append(ogr)
-            if gained:  # keep the previous weights when no head generalised
+            if weights is not None:  # else keep the previous weights: no head generalised
                 self._head_weights = weights
                 self._row_cache.clear()
             self._anchor, self._anchor_obs = current, self._n_obs

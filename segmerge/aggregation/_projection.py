@@ -61,21 +61,21 @@ def projection_coefficients(
     return C, alpha
 
 
-def _check_order(owner: str, order: Any) -> Any:
-    if order is None or order in ("identity", "random"):
-        return order
+def _check_order(owner: str, order: Any) -> str | list[int] | None:
+    """Validate ``order``: None, ``"identity"``, ``"random"`` or a permutation of 0..K-1."""
+    rule = "'identity', 'random' or a permutation list"
+    if order is None:
+        return None
     if isinstance(order, str):
-        rule = "'identity', 'random' or a permutation list"
         check_choice(owner, "order", order, ("identity", "random"), rule)
+        return order
     try:
-        order = [int(i) for i in order]
-    except TypeError as err:
-        raise ValueError(
-            f"{owner}: order must be 'identity', 'random' or a permutation list, got {order!r}"
-        ) from err
-    if sorted(order) != list(range(len(order))):
-        raise ValueError(f"{owner}: order must be a permutation of 0..K-1, got {order}")
-    return order
+        perm = [int(i) for i in order]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: order must be {rule}, got {order!r}") from err
+    if sorted(perm) != list(range(len(perm))):
+        raise ValueError(f"{owner}: order must be a permutation of 0..K-1, got {perm}")
+    return perm
 
 
 class ProjectionAggregator(Aggregator):
