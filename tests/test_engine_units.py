@@ -25,7 +25,12 @@ def test_checkpoint_roundtrip_is_weights_only_and_restores_random_streams(tmp_pa
     torch.manual_seed(5)
     np.random.seed(6)
     random.seed(7)
-    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(), "iteration": 3}
+    state = {
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": rng_state(),
+        "iteration": 3,
+    }
     path = atomic_torch_save(state, tmp_path / "ck" / "last.pt")
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     torch.manual_seed(0)

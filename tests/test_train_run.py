@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny(cache: Path, *extra: str) -> list[str]:
     """Smallest useful settings: 32³ phantoms, 16³ patches, a 3-level network."""
     return [
-        "--progress", "false", "--num_threads", "2", "--cache_dir", str(cache),
+        "--progress", "false", "--num_threads", "1", "--cache_dir", str(cache),
         "--dataset#phantoms#cases", "5", "--dataset#phantoms#size", "32",
         "--patch-size", "16", "--batch-size", "1",
         "--network_def#features", "[4, 8, 16]", "--network_def#deep_supervision", "2",
@@ -44,6 +44,13 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the tests that do not test the default location (creating a store
+    runs MLflow's schema migrations: seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
 def default_run(tmp_path_factory, cache):
     root = tmp_path_factory.mktemp("bundle")
     import contextlib
@@ -55,12 +62,12 @@ def default_run(tmp_path_factory, cache):
     return code, out.getvalue(), root
 
 
-def _client(root: Path):
+def _client(root: Path | None = None, uri: str | None = None, experiment: str = "segmerge"):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
+    uri = uri or f"sqlite:///{root / 'runs' / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("segmerge")
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     return client, runs
 
@@ -100,7 +107,14 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(default_run):
     assert int(params["data/n_training"]) + int(params["data/n_validation"]) == 5
     assert "versions/monai" in params
     keys = set(run.data.metrics)
-    names = ["fused.d0", "fused.d1", "modality.flair", "modality.t1", "modality.t1ce", "modality.t2"]
+    names = [
+        "fused.d0",
+        "fused.d1",
+        "modality.flair",
+        "modality.t1",
+        "modality.t1ce",
+        "modality.t2",
+    ]
     for n in names:
         assert {f"loss/{n}", f"weight/{n}", f"grad_norm/{n}", f"val_loss/{n}"} <= keys
     assert "cosine/fused.d0__modality.t1ce" in keys
@@ -178,7 +192,9 @@ def test_real_mlflow_server_serves_the_run_over_rest(default_run):
             f"{base}/api/2.0/mlflow/runs/get?{urllib.parse.urlencode({'run_id': t.run_id})}"
         ) as r:
             metrics = json.load(r)["run"]["data"]["metrics"]
-        assert metrics == [{"key": "x/y", "value": 1.5, "timestamp": metrics[0]["timestamp"], "step": 3}]
+        assert metrics == [
+            {"key": "x/y", "value": 1.5, "timestamp": metrics[0]["timestamp"], "step": 3}
+        ]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -188,11 +204,15 @@ def test_real_mlflow_server_serves_the_run_over_rest(default_run):
             proc.wait()
 
 
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, cache):
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, cache, store):
     common = tiny(cache, "--epochs", "4", "--steps-per-epoch", "1", "--val_every", "2")
+    common += ["--tracking-uri", store]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main([*common, "--bundle_root", str(a)]) == 0
-    assert main([*common, "--bundle_root", str(b), "--stop_after", "2"]) == 0
+    assert main([*common, "--bundle_root", str(a), "--experiment", "resume-a"]) == 0
+    assert (
+        main([*common, "--bundle_root", str(b), "--experiment", "resume-b", "--stop_after", "2"])
+        == 0
+    )
     (ck_b,) = (b / "runs" / "checkpoints").iterdir()
     half = load_checkpoint(ck_b / "last.pt")
     assert half["iteration"] == 2
@@ -204,14 +224,15 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, cach
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert resumed["run_id"] == half["run_id"] == ck_b.name  # the same MLflow run continued
-    client, runs = _client(b)
+    client, runs = _client(uri=store, experiment="resume-b")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     dice = client.get_metric_history(runs[0].info.run_id, "val/dice/wt")
     assert sorted(m.step for m in dice) == [2, 4]
 
 
-def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+def _spawn(args: list[str]) -> subprocess.Popen:
+    # passive OpenMP waiting: spinning threads crawl when the 2 cores are shared
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
     return subprocess.Popen(
         [sys.executable, "-m", "segmerge", "train", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -233,10 +254,11 @@ def _wait_for_iteration(path: Path, above: int, proc: subprocess.Popen, timeout:
     raise AssertionError(f"no checkpoint beyond step {above} within {timeout} s")
 
 
-def test_sigkill_then_sigint_then_resume(tmp_path, cache):
+def test_sigkill_then_sigint_then_resume(tmp_path, cache, store):
     args = tiny(
         cache, "--bundle_root", str(tmp_path), "--epochs", "200", "--steps-per-epoch", "2",
         "--checkpoint_every", "1", "--val_every", "100", "--log_every", "2",
+        "--tracking-uri", store, "--experiment", "faults",
     )  # fmt: skip
     args[args.index("--progress") + 1] = "true"
     ckroot = tmp_path / "runs" / "checkpoints"
@@ -265,7 +287,7 @@ def test_sigkill_then_sigint_then_resume(tmp_path, cache):
     stopped = load_checkpoint(last)
     assert stopped["iteration"] >= it2
     assert stopped["run_id"] == killed["run_id"] == ckdir.name
-    client, runs = _client(tmp_path)
+    client, runs = _client(uri=store, experiment="faults")
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     # 3) resume to a shortened end in-process: same run, finished
     end_epoch = stopped["iteration"] // 2 + 1
@@ -273,5 +295,5 @@ def test_sigkill_then_sigint_then_resume(tmp_path, cache):
     final = load_checkpoint(last)
     assert final["iteration"] == end_epoch * 2
     assert final["run_id"] == ckdir.name
-    _, runs = _client(tmp_path)
+    _, runs = _client(uri=store, experiment="faults")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

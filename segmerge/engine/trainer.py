@@ -253,6 +253,7 @@ class Trainer:
         self.amp = bool(g("amp"))
         self.progress = bool(g("progress"))
         threads = g("num_threads")
+        self._prev_threads = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(_check_int("num_threads", threads, 1))
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -732,7 +733,10 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.bar is not None:
                 self.bar.close()
-        return self._finish(t0)
+        try:
+            return self._finish(t0)
+        finally:
+            torch.set_num_threads(self._prev_threads)  # in-process callers keep their setting
 
     def _finish(self, t0: float) -> TrainResult:
         result = TrainResult(
