@@ -155,3 +155,24 @@ def test_several_patches_per_case(spec):
         assert set(s) == {"image", "label", "available", "case_id"}
         assert s["image"].shape == (4, 16, 16, 16)
     assert not torch.equal(samples[0]["image"], samples[1]["image"])
+
+
+def test_distributed_sampler_option(spec, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        loader = make_dataloader(
+            spec.training,
+            val_transforms(),
+            batch_size=1,
+            shuffle=True,
+            cache=False,
+            distributed=True,
+        )
+        assert isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler)
+        assert sorted(b["case_id"][0] for b in loader) == sorted(
+            i["case_id"] for i in spec.training
+        )
+    finally:
+        dist.destroy_process_group()
