@@ -218,3 +218,16 @@ def test_with_network_dropping_a_modality_and_reach():
     own = {n for n in params if n.startswith(("encoders.t1.", "aux_heads.t1."))}
     assert reached == own
     assert len(row_reach(nl, "fused.d0", params)) > len(own)
+
+
+def test_autocast_bf16_losses_are_float32_and_finite():
+    net = MultiModalDSNet(features=(4, 8, 8, 16))
+    x = torch.randn(2, 4, 16, 16, 16)
+    available = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = net(x, available)
+        nl = ObjectiveSet(depth_weights="nnunet")(outputs, fake_target(size=16), available)
+    assert outputs["fused.d0"].dtype == torch.bfloat16  # the network did run in bf16
+    assert nl.losses.dtype == torch.float32 and bool(torch.isfinite(nl.losses).all())
+    nl.total().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)

@@ -44,6 +44,11 @@ class NamedLosses:
     Attributes:
         names: objective names, one per row (``fused.d0``, ..., ``modality.flair``, ...).
         losses: ``(K,)`` stacked 0-d losses, still attached to the autograd graph.
+
+    ``ObjectiveSet`` builds ``losses`` with ``torch.stack`` as the last operation (row weights
+    are applied before), so the stack node's K input edges are the per-row graph roots: the
+    training step differentiates those, because differentiating ``losses[k]`` would send zero
+    gradients into every row and make each objective seem to reach every parameter.
     """
 
     names: list[str]
