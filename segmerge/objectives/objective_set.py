@@ -235,10 +235,11 @@ class ObjectiveSet:
         depths, mods = self._split_outputs(outputs)
         if fused_depths is not None:
             depths = [d for d in depths if d in fused_depths]
-        present_mods = set(self.present_modalities(available, present))
-        mods = [m for m in mods if m in present_mods]
         if available is not None:
             self._check_available(available, target.shape[0])
+        if mods:  # no modality heads (early fusion): no need to read the mask at all
+            present_mods = set(self.present_modalities(available, present))
+            mods = [m for m in mods if m in present_mods]
 
         resized: dict[tuple[int, ...], torch.Tensor] = {}  # one resize per distinct head size
 
