@@ -8,6 +8,7 @@ are never committed).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -175,5 +176,7 @@ def test_bundle_run_and_segmerge_predict_agree(dataset, model_file, tmp_path):
             assert img.get_data_dtype() == np.uint8
         np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
         for out in (out_bundle, out_cli):
-            assert json.loads((out / f"{case_id}.json").read_text())["sequences_used"] == used
+            sidecar = json.loads((out / f"{case_id}.json").read_text())
+            assert sidecar["sequences_used"] == used
+            assert sidecar["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     assert not (out_bundle / "broken.nii.gz").exists()

@@ -263,6 +263,7 @@ class BratsPredictor:
         self.image_key = image_key
         self.pred_key = pred_key
         self.last_report: PredictionReport | None = None
+        self._sha: str | None = None
 
     # -- one case, in steps that evaluation reuses ------------------------------------------------
     def check_inputs(self, case: CaseInputs) -> nib.Nifti1Image:
@@ -443,10 +444,17 @@ class BratsPredictor:
             if self.probabilities
             else None,
             "model": str(self.model_path) if self.model_path else None,
-            "model_sha256": _sha256(self.model_path) if self.model_path else None,
+            "model_sha256": self._model_sha256(),
             "shape": list(ref.shape),
         }
         atomic_write_text(output_dir / f"{case.case_id}.json", json.dumps(sidecar, indent=2) + "\n")
+
+    def _model_sha256(self) -> str | None:
+        if self.model_path is None:
+            return None
+        if self._sha is None:  # once per predictor, not once per case
+            self._sha = _sha256(self.model_path)
+        return self._sha
 
     # -- a whole dataset --------------------------------------------------------------------------
     def predict_dataset(self, dataset_dir: str | Path, output_dir: str | Path) -> PredictionReport:
