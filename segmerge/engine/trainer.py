@@ -49,7 +49,15 @@ from segmerge.engine.validation import (
     validate,
 )
 
-__all__ = ["Trainer", "TrainResult", "format_summary", "phantom_cache_path", "train"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "dataset_location",
+    "format_summary",
+    "phantom_cache_path",
+    "phantom_spec",
+    "train",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -88,6 +96,23 @@ def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) ->
     key = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / f"phantoms-{digest}"
+
+
+def phantom_spec(parser: ConfigParser) -> dict[str, Any]:
+    """Generation arguments of the default phantom dataset (what its cache folder hashes)."""
+    ds = parser.get_parsed_content("dataset")
+    spec = dict(ds["phantoms"])
+    spec["et_label"] = ds["et_label"]
+    return spec
+
+
+def dataset_location(parser: ConfigParser) -> Path:
+    """Where the configured dataset is: ``dataset#path`` or the phantom cache folder."""
+    ds = parser.get_parsed_content("dataset")
+    if ds.get("path"):
+        return Path(ds["path"]).expanduser()
+    cache = Path(parser.get_parsed_content("cache_dir")).expanduser().absolute()
+    return phantom_cache_path(cache, phantom_spec(parser))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -299,12 +324,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _dataset_path(self) -> Path:
-        g = self.parser.get_parsed_content
-        ds = g("dataset")
+        ds = self.parser.get_parsed_content("dataset")
         if ds.get("path"):
             return Path(ds["path"]).expanduser()
-        spec = dict(ds["phantoms"])
-        spec["et_label"] = ds["et_label"]
+        spec = phantom_spec(self.parser)
         size = _check_int("dataset#phantoms#size", spec.get("size"), 16)
         _check_int("dataset#phantoms#cases", spec.get("cases"), 2)
         if size < self.patch_size:
@@ -663,21 +686,27 @@ class Trainer:
             values["val/best_dice_mean"] = result.dice["mean"]
         self.tracker.log_metrics(values, step=it)
         self.save_checkpoint(best=is_best)
-        if self.bar is not None:
-            self.bar.write(
-                f"epoch {epoch} step {it}: val Dice "
-                + " ".join(f"{k}={v:.3f}" for k, v in result.dice.items())
-            )
+        self._say(
+            f"epoch {epoch} step {it}: val Dice "
+            + " ".join(f"{k}={v:.3f}" for k, v in result.dice.items())
+            + f" (best {self.best['metric']:.3f} at epoch {self.best['epoch']})"
+        )
         return result
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._signal = signum
+        self._say(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping")
+
+    def _say(self, line: str) -> None:
+        """A log line on rank 0 (through the progress bar when there is one)."""
+        if not self.is_main:
+            return
         if self.bar is not None:
-            self.bar.write(
-                f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping"
-            )
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     # ================================================================== run
     def run(self) -> TrainResult:
