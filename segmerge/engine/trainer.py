@@ -93,7 +93,8 @@ class TrainResult:
 
 def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
     """``<cache_dir>/phantoms-<hash of the generation arguments>``."""
-    key = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
+    # the files do not depend on the number of generator processes: leave it out of the key
+    key = json.dumps({k: spec[k] for k in sorted(spec) if k != "workers"}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / f"phantoms-{digest}"
 
