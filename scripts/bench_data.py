@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    result: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)"
-    }
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at start"
+    result: dict = {"machine": machine, "torch": torch.__version__}
+    print(machine)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         torch.set_num_threads(1)
