@@ -118,13 +118,26 @@ def bench_step(kind: str, patch: int, batch: int, steps: int) -> dict:
 
 
 def bench_loader(
-    tmp: Path, name: str, size: int, patch: int, batch: int, cases: int, samples: int
+    tmp: Path,
+    name: str,
+    size: int,
+    patch: int,
+    batch: int,
+    cases: int,
+    samples: int,
+    num_workers: int = 0,
 ) -> dict:
-    path = write_phantom_dataset(tmp / name, cases, size=size, seed=1, progress=False)
+    path = tmp / name / "dataset.json"
+    if not path.is_file():
+        write_phantom_dataset(tmp / name, cases, size=size, seed=1, progress=False)
     spec = load_dataset(path, val_fraction=0.0)
     t0 = time.perf_counter()
     loader = make_dataloader(
-        spec.training, train_transforms(patch_size=patch), batch_size=batch, shuffle=True
+        spec.training,
+        train_transforms(patch_size=patch),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=num_workers,
     )
     cache_s = time.perf_counter() - t0
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -140,7 +153,8 @@ def bench_loader(
         "cache_fill_s": cache_s,
         "samples": n,
         "loader_samples_per_s": n / dt,
-        "loader_cpu_s_per_sample": cpu / n,
+        "loader_cpu_s_per_sample": cpu / n,  # main process only (workers not counted)
+        "num_workers": num_workers,
     }
 
 
@@ -178,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{loader['loader_samples_per_s']:.1f} samples/s ({loader['loader_cpu_s_per_sample'] * 1000:.0f} ms CPU each; cache fill {loader['cache_fill_s']:.1f} s for 6 cases) | "
                 f"step ({step['network']} {step['params_M']:.2f}M, plain fwd+bwd stand-in) {step['step_s_median']:.3f} s = "
                 f"{step['step_samples_per_s']:.1f} samples/s | loader/step = {ratio:.1f}x (goal >= 3x)"
+            )
+            # Alternative: one loader process (torch gives it 1 thread; the main process keeps 2).
+            alt = bench_loader(tmp, name, size, patch, 2, 6, args.samples, num_workers=1)
+            result[name]["loader_num_workers_1"] = alt
+            print(
+                f"{name} with num_workers=1: loader {alt['loader_samples_per_s']:.1f} samples/s = "
+                f"{alt['loader_samples_per_s'] / step['step_samples_per_s']:.1f}x the step"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
