@@ -297,3 +297,31 @@ def test_sigkill_then_sigint_then_resume(tmp_path, cache, store):
     assert final["run_id"] == ckdir.name
     _, runs = _client(uri=store, experiment="faults")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_torchrun_two_processes_one_mlflow_run(tmp_path, cache, store):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = tiny(cache, "--bundle_root", str(tmp_path), "--tracking-uri", store)
+    args += ["--experiment", "torchrun", "--device", "cpu"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "segmerge", "train", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("mlflow ui --backend-store-uri") == 1  # rank 0 reports
+    client, runs = _client(uri=store, experiment="torchrun")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["world_size"] == "2"
+    # one logged value per step: rank 0 alone wrote the metrics
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/fused.d0")) == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    (ckdir,) = (tmp_path / "runs" / "checkpoints").iterdir()
+    assert ckdir.name == run.info.run_id
+    assert load_checkpoint(ckdir / "last.pt")["iteration"] == 4
+    assert (tmp_path / "models" / "model.pt").is_file()

@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segmerge train: error: {err}", file=sys.stderr)
         return 2
     result = trainer.run()
+    if result.rank != 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted at step {result.iteration}; checkpoint saved. Continue with:\n"
@@ -56,6 +58,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    if result.run_id is not None:
-        print(format_summary(result))
+    print(format_summary(result))
     return 0

@@ -77,6 +77,7 @@ class TrainResult:
         iteration: steps done.
         interrupted: True when stopped by SIGINT/SIGTERM (a checkpoint was saved).
         wall_s: seconds from setup to the end.
+        rank: this process's rank (only rank 0 reports).
     """
 
     run_id: str | None
@@ -89,6 +90,7 @@ class TrainResult:
     iteration: int = 0
     interrupted: bool = False
     wall_s: float = 0.0
+    rank: int = 0
 
 
 def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
@@ -235,6 +237,7 @@ class Trainer:
         self.setup_s = time.time() - t0
 
     def _init_distributed(self) -> None:
+        self._owns_group = False
         self.rank, self.world = _rank_world()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             want = str(self.parser.get("device", "auto"))
@@ -243,6 +246,7 @@ class Trainer:
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend)
+            self._owns_group = True
             self.rank, self.world = _rank_world()
         self.is_main = self.rank == 0
 
@@ -767,6 +771,8 @@ class Trainer:
             return self._finish(t0)
         finally:
             torch.set_num_threads(self._prev_threads)  # in-process callers keep their setting
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
 
     def _finish(self, t0: float) -> TrainResult:
         result = TrainResult(
@@ -775,6 +781,7 @@ class Trainer:
             checkpoint_dir=self.checkpoint_dir,
             iteration=self.iteration,
             interrupted=self.interrupted,
+            rank=self.rank,
         )
         stopped_early = self.interrupted or self._stop_reason is not None
         if stopped_early:
