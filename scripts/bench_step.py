@@ -1,20 +1,22 @@
 """Benchmark the aggregated training step against the plain summed-loss step.
 
-Run (CPU, 2 threads, the default ``MultiModalDSNet`` — K = 3 fused depths + 4 modality heads)::
+Run (CPU, 2 threads, the default ``MultiModalDSNet`` - K = 3 fused depths + 4 modality heads)::
 
     .venv/bin/python scripts/bench_step.py                      # 32^3, batch 2, table to stdout
     .venv/bin/python scripts/bench_step.py --size 48 --md docs/bench_step.md
 
-Every variant runs in its own subprocess (same seed, same data) so that its peak memory can be
-read from ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set size,
-Linux: KiB); the figure printed is the peak over the warm-up and timed steps minus the resident
-size just before them (model, optimizer and batch built), i.e. the extra memory the step needs
-(autograd graph, Jacobian, optimizer state, buffers).
-On CUDA ``torch.cuda.max_memory_allocated`` is reported instead. Each figure is a ratio to the
-``sum`` variant (forward + ``losses.sum().backward()`` + Adam step; ``Adam(fused=True)`` in
-every variant), from medians of per-step
-times after one warm-up step; both wall-clock and process CPU time are recorded (CPU time is
-less sensitive to other processes on a shared machine).
+Timing: one process builds every variant (same initial weights, same batch, ``Adam(fused=True)``
+everywhere) and runs interleaved rounds, one step of each variant per round in rotating order,
+after a warm-up round; so load from other processes on a shared machine falls on all variants
+alike. Per variant the minimum (and median) per-step wall-clock and process CPU time are kept;
+each figure is a ratio to ``sum``. The amortised figures are derived from measured steps: per
+refresh cycle of N steps, one exact step (``gmd_loop``) and N-1 cheap steps (``gmd_amortised``).
+
+Memory: each variant runs two steps in a fresh subprocess; the figure is the peak resident set
+size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, Linux: KiB) minus the resident size just
+before the first step (model, optimizer and batch built), i.e. the extra memory of the step
+(autograd graph, Jacobian, optimizer state, buffers). tracemalloc does not see torch's
+allocations. On CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the steps.
 
 Variants:
     sum            forward + backward of the summed loss + optimizer step
@@ -22,8 +24,8 @@ Variants:
                    modality objectives (pairwise disjoint reach) fused into one backward
     gmd_loop_plain the same without the disjoint fusion (one backward per objective)
     gmd_batched    TrainStep(GMD, strategy="batched"): one vmapped backward (is_grads_batched)
-    gmd_amortised4 TrainStep(GMD, refresh_every=4), averaged over whole refresh cycles
-    gmd_amortised8 TrainStep(GMD, refresh_every=8)
+    gmd_amortised  the cheap step of TrainStep(GMD, refresh_every=N): one backward of
+                   sum_k c_k L_k with the last coefficients, masked merge, optimizer step
     torchjd_pcgrad torchjd.autojac.backward + jac_to_grad(PCGrad()) + optimizer step
     seed_gmd       the seed-style recipe: one retained backward() per objective, flatten .grad
                    into D-vectors, GMD as Python loops over D-vectors, masked merge, step
@@ -44,14 +46,13 @@ import time
 SIZE = 32
 BATCH = 2
 THREADS = 2
-STEPS = 2  # timed steps per exact variant, after one warm-up step
+ROUNDS = 3  # timed rounds (one step of every variant each), after one warm-up round
 VARIANTS = (
     "sum",
     "gmd_loop",
     "gmd_loop_plain",
     "gmd_batched",
-    "gmd_amortised4",
-    "gmd_amortised8",
+    "gmd_amortised",
     "torchjd_pcgrad",
     "seed_gmd",
 )
@@ -96,132 +97,203 @@ def _seed_gmd_step(net, opt, objectives, x, t):
     opt.step()
 
 
-def worker(variant: str, size: int, batch: int, threads: int, steps: int) -> dict:
-    """Run one variant in this process; return timings and peak memory."""
+def _build(variant: str, net0, x, t, device):
+    """Model copy, optimizer and a one-step callable for ``variant``."""
+    import copy
+
     import torch
 
     from segmerge.aggregation import build_aggregator
-    from segmerge.nets import MultiModalDSNet
     from segmerge.objectives import ObjectiveSet
     from segmerge.step import TrainStep
 
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    net = MultiModalDSNet().to(device).train()
+    net = copy.deepcopy(net0).to(device).train()
     # fused Adam for every variant: the recommended setting (TrainStep skips non-finite steps
     # through its found_inf input at no cost; other optimizers pay a snapshot/restore copy).
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
     objectives = ObjectiveSet()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, size, size, size, generator=g).to(device)
-    t = (torch.rand(batch, 3, size, size, size, generator=g) > 0.8).float().to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    info: dict = {}
+    if variant == "sum":
 
-    refresh = {"gmd_amortised4": 4, "gmd_amortised8": 8}.get(variant, 1)
-    ts = None
-    if variant.startswith("gmd_") and variant != "gmd_batched":
-        ts = TrainStep(
-            net, opt, build_aggregator("gmd"), strategy="loop", refresh_every=refresh,
-            fuse_disjoint=variant != "gmd_loop_plain",
-        )
-    elif variant == "gmd_batched":
-        ts = TrainStep(net, opt, build_aggregator("gmd"), strategy="batched")
-    if variant == "torchjd_pcgrad":
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            objectives(net(x), t).losses.sum().backward()
+            opt.step()
+
+    elif variant == "torchjd_pcgrad":
         from torchjd.aggregation import PCGrad
         from torchjd.autojac import backward as jd_backward
         from torchjd.autojac import jac_to_grad
 
         pcgrad = PCGrad()
-    params = [p for p in net.parameters() if p.requires_grad]
-    info: dict = {}
 
-    def one_step() -> None:
-        if variant == "sum":
-            opt.zero_grad(set_to_none=True)
-            objectives(net(x), t).losses.sum().backward()
-            opt.step()
-        elif variant == "torchjd_pcgrad":
+        def step() -> None:
             opt.zero_grad(set_to_none=True)
             jd_backward(objectives(net(x), t).losses, inputs=params)
             jac_to_grad(params, pcgrad)
             opt.step()
-        elif variant == "seed_gmd":
+
+    elif variant == "seed_gmd":
+
+        def step() -> None:
             _seed_gmd_step(net, opt, objectives, x, t)
-        else:
+
+    else:
+        ts = TrainStep(
+            net,
+            opt,
+            build_aggregator("gmd"),
+            strategy="batched" if variant == "gmd_batched" else "loop",
+            # the cheap step of amortised mode: after the warm-up refresh, never refresh again
+            refresh_every=10**9 if variant == "gmd_amortised" else 1,
+            fuse_disjoint=variant != "gmd_loop_plain",
+        )
+
+        def step() -> None:
             report = ts.step(objectives(net(x), t))
-            info["backward_passes"] = max(info.get("backward_passes", 0), report.backward_passes)
-            info.setdefault("refreshed", []).append(report.refreshed)
+            info["backward_passes"] = report.backward_passes
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return step, info
 
-    # Peak memory baseline: model, optimizer and batch built, no step run yet.
+
+def _setup(size: int, batch: int, threads: int):
+    import torch
+
+    from segmerge.nets import MultiModalDSNet
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    net0 = MultiModalDSNet()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, size, size, size, generator=g).to(device)
+    t = (torch.rand(batch, 3, size, size, size, generator=g) > 0.8).float().to(device)
+    return net0, x, t, device
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_all(variants, size: int, batch: int, threads: int, rounds: int) -> dict[str, dict]:
+    """Interleaved timing in one process: every round runs one step of every variant.
+
+    Round-robin (rotating order) so that load from other processes on a shared machine falls on
+    all variants alike; the first round is a warm-up. Per variant: min and median of the
+    per-step wall-clock and process CPU time.
+    """
+    net0, x, t, device = _setup(size, batch, threads)
+    runners = {v: _build(v, net0, x, t, device) for v in variants}
+    times: dict[str, dict[str, list[float]]] = {v: {"wall": [], "cpu": []} for v in variants}
+    order = list(variants)
+    for r in range(rounds + 1):
+        for v in order:
+            w0, c0 = time.perf_counter(), time.process_time()
+            runners[v][0]()
+            _sync(device)
+            if r > 0:
+                times[v]["wall"].append(time.perf_counter() - w0)
+                times[v]["cpu"].append(time.process_time() - c0)
+        order = order[1:] + order[:1]
+        print(f"round {r} done", file=sys.stderr, flush=True)
+    out = {}
+    for v in variants:
+        w, c = times[v]["wall"], times[v]["cpu"]
+        out[v] = {
+            "wall_min": min(w),
+            "wall_med": statistics.median(w),
+            "cpu_min": min(c),
+            "cpu_med": statistics.median(c),
+            "walls": w,
+            "cpus": c,
+            "device": str(device),
+            **runners[v][1],
+        }
+    return out
+
+
+def peak_memory(variant: str, size: int, batch: int, threads: int) -> float:
+    """Extra peak memory (MiB) of two steps of ``variant`` in this (fresh) process."""
+    import torch
+
+    net0, x, t, device = _setup(size, batch, threads)
+    step, _ = _build(variant, net0, x, t, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    one_step()  # warm-up (allocator, kernels, vmap setup); a refresh step for amortised ones
-    sync()
-    if ts is not None:
-        ts.steps = 0  # timed steps start a refresh cycle
-        info.pop("refreshed", None)
-    n = max(steps, 2 * refresh) if refresh > 1 else steps
-    walls, cpus = [], []
-    for _ in range(n):
-        w0, c0 = time.perf_counter(), time.process_time()
-        one_step()
-        sync()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
+    for _ in range(2):
+        step()
+        _sync(device)
     if device.type == "cuda":
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    # Amortised variants: mean over whole refresh cycles (the cost per step in a long run).
-    agg = statistics.mean if refresh > 1 else statistics.median
-    return {
-        "variant": variant,
-        "wall_s": agg(walls),
-        "cpu_s": agg(cpus),
-        "walls": walls,
-        "peak_mib": peak_mib,
-        "device": str(device),
-        **info,
-    }
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
-def _table(results: list[dict], args: argparse.Namespace) -> str:
-    base = next(r for r in results if r["variant"] == "sum")
+def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
+    base = res["sum"]
     lines = [
-        f"MultiModalDSNet defaults (K = 7), input {args.batch}x4x{args.size}^3, "
-        f"{args.threads} threads, device {base['device']}, torch {args.torch_version}",
+        f"MultiModalDSNet defaults (K = 7: fused.d0-d2 + 4 modality heads, "
+        f"{args.n_params / 1e6:.2f} M parameters), input {args.batch}x4x{args.size}^3, "
+        f"{args.threads} threads, device {base['device']}, torch {args.torch_version}; "
+        f"{args.rounds} interleaved rounds after a warm-up round.",
         "",
-        "| variant | wall s/step | CPU s/step | wall ratio | CPU ratio | backward passes | peak extra MiB |",
+        "| variant | CPU s/step (min) | wall s/step (min / median) | ratio to sum (CPU min) "
+        "| ratio to sum (wall min) | backward passes | peak extra MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+
+    def row(name, cpu, wall, wall_med, passes, mem):
         lines.append(
-            f"| {r['variant']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
-            f"{r['wall_s'] / base['wall_s']:.2f} | {r['cpu_s'] / base['cpu_s']:.2f} | "
-            f"{r.get('backward_passes', '-')} | {r['peak_mib']:.0f} |"
+            f"| {name} | {cpu:.2f} | {wall:.2f} / {wall_med:.2f} | {cpu / base['cpu_min']:.2f} | "
+            f"{wall / base['wall_min']:.2f} | {passes} | {mem} |"
         )
-    by = {r["variant"]: r for r in results}
-    if {"gmd_loop", "seed_gmd", "torchjd_pcgrad", "gmd_amortised8"} <= set(by):
-        lines += ["", "Goals (CPU-time ratios; wall-clock in brackets):"]
-        for label, num, den, goal in (
-            ("exact GMD (loop) / seed recipe <= 1.1", "gmd_loop", "seed_gmd", 1.1),
-            ("exact GMD (batched) / seed recipe <= 1.1", "gmd_batched", "seed_gmd", 1.1),
-            ("exact GMD (loop) / torchjd PCGrad < 1", "gmd_loop", "torchjd_pcgrad", 1.0),
-            ("amortised N=8 / summed step <= 1.35", "gmd_amortised8", "sum", 1.35),
-        ):
-            if num not in by:
-                continue
-            cpu = by[num]["cpu_s"] / by[den]["cpu_s"]
-            wall = by[num]["wall_s"] / by[den]["wall_s"]
-            ok = "met" if cpu <= goal else "NOT met"
-            lines.append(f"- {label}: {cpu:.2f} ({wall:.2f}) -> {ok}")
+
+    for v, r in res.items():
+        mem = r.get("peak_mib")
+        row(v, r["cpu_min"], r["wall_min"], r["wall_med"], r.get("backward_passes", "-"),
+            "-" if mem is None else f"{mem:.0f}")  # fmt: skip
+    derived = {}
+    if "gmd_amortised" in res and "gmd_loop" in res:
+        lines += [
+            "",
+            "Amortised mode, refresh_every=N: one exact refresh (gmd_loop) and N-1 cheap steps "
+            "(gmd_amortised: one backward of sum_k c_k L_k + masked merge) per cycle, "
+            "cost per step = (T_exact + (N-1) T_cheap) / N:",
+            "",
+        ]
+        ex, ch = res["gmd_loop"], res["gmd_amortised"]
+        for n in (4, 8):
+            cpu = (ex["cpu_min"] + (n - 1) * ch["cpu_min"]) / n
+            wall = (ex["wall_min"] + (n - 1) * ch["wall_min"]) / n
+            derived[n] = (cpu / base["cpu_min"], wall / base["wall_min"])
+            lines.append(
+                f"- N = {n}: {cpu:.2f} CPU s/step, ratio {derived[n][0]:.2f} "
+                f"(wall {derived[n][1]:.2f}); peak memory = that of gmd_loop"
+            )
+    lines += ["", "Goals (ratios of CPU-time minima; wall-clock minima in brackets):"]
+
+    def goal(label, num, den, limit):
+        if num in res and den in res:
+            cpu = res[num]["cpu_min"] / res[den]["cpu_min"]
+            wall = res[num]["wall_min"] / res[den]["wall_min"]
+            lines.append(f"- {label}: {cpu:.2f} ({wall:.2f}) -> {'met' if cpu <= limit else 'NOT met'}")
+
+    goal("exact GMD, loop / seed recipe <= 1.1", "gmd_loop", "seed_gmd", 1.1)
+    goal("exact GMD, batched / seed recipe <= 1.1", "gmd_batched", "seed_gmd", 1.1)
+    goal("exact GMD, loop / torchjd PCGrad < 1", "gmd_loop", "torchjd_pcgrad", 1.0)
+    goal("exact GMD, batched / torchjd PCGrad < 1", "gmd_batched", "torchjd_pcgrad", 1.0)
+    if 8 in derived:
+        cpu, wall = derived[8]
+        lines.append(
+            f"- amortised N = 8 / summed step <= 1.35: {cpu:.2f} ({wall:.2f}) -> "
+            f"{'met' if cpu <= 1.35 else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 
@@ -230,41 +302,48 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=THREADS)
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--md", help="also write the table to this markdown file")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        res = worker(args.worker, args.size, args.batch, args.threads, args.steps)
-        print("RESULT " + json.dumps(res), flush=True)
+    if args.memory_worker:
+        mib = peak_memory(args.memory_worker, args.size, args.batch, args.threads)
+        print("RESULT " + json.dumps({"peak_mib": mib}), flush=True)
         return
     if "sum" not in args.variants:
         args.variants.insert(0, "sum")
     import torch
 
     args.torch_version = torch.__version__
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    results = []
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--size", str(args.size),
-               "--batch", str(args.batch), "--threads", str(args.threads),
-               "--steps", str(args.steps)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"{variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        res = json.loads(lines[-1][len("RESULT ") :])
-        results.append(res)
-        print(f"{variant}: wall {res['wall_s']:.2f} s, cpu {res['cpu_s']:.2f} s, "
-              f"peak +{res['peak_mib']:.0f} MiB", flush=True)  # fmt: skip
-    table = _table(results, args)
+    res = time_all(args.variants, args.size, args.batch, args.threads, args.rounds)
+    args.n_params = sum(p.numel() for p in _setup(8, 1, args.threads)[0].parameters())
+    for v, r in res.items():
+        print(f"{v}: cpu min {r['cpu_min']:.2f} s, wall min {r['wall_min']:.2f} s", flush=True)
+    if not args.no_memory:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        for v in args.variants:
+            if v == "gmd_amortised":
+                continue  # its peak is its refresh step's: gmd_loop
+            cmd = [sys.executable, __file__, "--memory-worker", v, "--size", str(args.size),
+                   "--batch", str(args.batch), "--threads", str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"{v}: memory run failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            res[v]["peak_mib"] = json.loads(lines[-1][len("RESULT ") :])["peak_mib"]
+            print(f"{v}: peak +{res[v]['peak_mib']:.0f} MiB", flush=True)
+    table = _table(res, args)
     print(table)
     if args.md:
         tmp = args.md + ".tmp"
         with open(tmp, "w") as fh:
             fh.write("# Training-step benchmark (`scripts/bench_step.py`)\n\n" + table + "\n")
+            fh.write("\n<details><summary>raw per-step times (s)</summary>\n\n```json\n")
+            raw = {v: {"cpu": r["cpus"], "wall": r["walls"]} for v, r in res.items()}
+            fh.write(json.dumps(raw, indent=1) + "\n```\n</details>\n")
         os.replace(tmp, args.md)
 
 

@@ -173,8 +173,6 @@ class TrainStep:
         self._batched_ok: bool | None = None  # None: not tried yet on this model
         self._buffers: dict[tuple[int, int], Tensor] = {}
         dev, dt = self.layout.device, self.layout.dtype
-        self._grad_flat = torch.zeros(self.layout.dim, dtype=dt, device=dev)
-        self._grad_views = self.layout.views(self._grad_flat)
         self._one = torch.ones((), dtype=dt, device=dev)
         self._zero = torch.zeros((), dtype=dt, device=dev)
         self.skipped = torch.zeros((), dtype=torch.int64, device=dev)
@@ -213,7 +211,9 @@ class TrainStep:
             buf = torch.empty(
                 rows * self.layout.dim + k, dtype=self.layout.dtype, device=self.layout.device
             )
-            self._buffers = {key: buf}  # keep one: K changes rarely (modality dropout)
+            if len(self._buffers) >= 4:  # exact + amortised shapes, a few K (dropout)
+                self._buffers.pop(next(iter(self._buffers)))
+            self._buffers[key] = buf
         return buf
 
     # -- the step ---------------------------------------------------------------------------
@@ -256,11 +256,14 @@ class TrainStep:
         self.steps += 1
         return out
 
-    def _finish(
-        self, ok: Tensor, any_reach: int
-    ) -> tuple[Tensor, Tensor | None]:
-        """Write ``.grad`` (already in ``_grad_flat``), clip, guarded optimizer step."""
-        for j, (p, view) in enumerate(zip(self.layout.params, self._grad_views)):
+    def _finish(self, grad: Tensor, ok: Tensor, any_reach: int) -> tuple[Tensor, Tensor | None]:
+        """Point ``.grad`` at views of the (D,) ``grad``, clip, guarded optimizer step.
+
+        On a skipped step (``ok`` False) ``.grad`` may hold non-finite values: the guarded step
+        leaves parameters and optimizer state untouched whatever the gradient, so no extra pass
+        masks it.
+        """
+        for j, (p, view) in enumerate(zip(self.layout.params, self.layout.views(grad))):
             # A tensor no objective reaches keeps grad None, as after a plain backward(), so
             # optimizers skip it instead of applying momentum/weight decay to a zero gradient.
             p.grad = view if any_reach >> j & 1 else None
@@ -360,13 +363,18 @@ class TrainStep:
             _all_reduce_mean(buf)
         shared = self.layout.element_mask(shared_bits(reach))
         result = agg(J, shared=shared, names=names, reference=reference)
-        update = result.update
-        ok = torch.isfinite(buf).all() & ~result.nonfinite & torch.isfinite(update).all()
-        torch.where(ok, update, self._zero, out=self._grad_flat)
+        update = result.update.to(self.layout.dtype).contiguous()
+        # Non-finite J (or reference) makes the Gramian non-finite: the aggregator reports it
+        # (and zeroes the update, leaving its own state unchanged). The losses and the update
+        # (overflow of c @ J) are checked with one reduction each, no (K, D) scan.
+        nonfinite = getattr(result, "nonfinite", None)
+        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(update.sum())
+        if nonfinite is not None:
+            ok = ok & ~nonfinite
         any_reach = 0
         for r in reach:
             any_reach |= r
-        skipped, grad_norm = self._finish(ok, any_reach)
+        skipped, grad_norm = self._finish(update, ok, any_reach)
         weights = result.weights
         # Coefficients for amortised steps; a skipped refresh keeps the previous ones (or 1).
         for i, n in enumerate(names):
@@ -401,11 +409,13 @@ class TrainStep:
         loss_buf.copy_(losses.detach())
         if self._is_distributed():
             _all_reduce_mean(buf)
-        if getattr(self.aggregator, "masked_merge", False):
-            flat.mul_(self.layout.merge_scale(shared_bits(reach), k))
-        ok = torch.isfinite(buf).all()
-        torch.where(ok, flat, self._zero, out=self._grad_flat)
-        skipped, grad_norm = self._finish(ok, found)
+        shared = shared_bits(reach)
+        if getattr(self.aggregator, "masked_merge", False) and shared:
+            flat.mul_(self.layout.merge_scale(shared, k))
+        # One reduction over gradient and losses: NaN/Inf propagate through the sum (a finite
+        # sum overflowing float32 also counts as non-finite, which is what it is for Adam).
+        ok = torch.isfinite(buf.sum())
+        skipped, grad_norm = self._finish(flat, ok, found)
         return StepReport(
             names=names,
             losses=loss_buf.clone(),
