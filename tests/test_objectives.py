@@ -231,3 +231,13 @@ def test_autocast_bf16_losses_are_float32_and_finite():
     assert nl.losses.dtype == torch.float32 and bool(torch.isfinite(nl.losses).all())
     nl.total().backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
+
+
+def test_early_fusion_outputs_give_depth_rows_only():
+    outputs = {k: v for k, v in fake_outputs().items() if k.startswith("fused.")}
+    target = fake_target()
+    available = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    nl = ObjectiveSet()(outputs, target, available)
+    assert nl.names == ["fused.d0", "fused.d1", "fused.d2"]
+    # Fused rows average over every sample whatever the mask (the network handles missing inputs).
+    torch.testing.assert_close(nl.losses, ObjectiveSet()(outputs, target).losses)
