@@ -284,8 +284,9 @@ class ObjectiveSet:
                 resolution of ``fused.d0``; coarser heads get a downsampled copy.
             available: ``(B, M)`` bool availability mask (columns in ``modalities`` order),
                 or None for "every modality present in every sample".
-            present: optional host-side list of modality names present in the batch; avoids
-                reading ``available`` on the host when it already lives on the GPU.
+            present: optional host-side list of modality names present in the batch (it must
+                agree with ``available``); avoids reading ``available`` on the host when it
+                already lives on the GPU.
 
         Returns:
             ``NamedLosses`` with rows ``fused.d*`` (depth-weighted) then ``modality.*``.
