@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -88,10 +89,14 @@ def time_network(
     for case in discover_cases(warmup_dir):  # untimed: first-call allocations, thread pools
         predictor.predict_case(case, out_dir / "warmup")
     (case,) = discover_cases(data_dir)
+    cpu0 = time.process_time()
     result = predictor.predict_case(case, out_dir)
+    # CPU seconds of this process (all threads): less sensitive than wall time to other jobs
+    # sharing the cores, which a busy machine adds to every wall-clock phase.
+    cpu = time.process_time() - cpu0
     if result.status != "predicted":
         raise RuntimeError(f"benchmark case failed: {result.error}")
-    return result.seconds
+    return {**result.seconds, "cpu": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,18 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         f"Sliding window {roi}, overlap {overlap}, gaussian blending, sw_batch_size "
         f"{config['sw_batch_size']}; `torch.set_num_threads({args.threads})`.",
         "",
-        "| network | parameters | read (s) | inference (s) | write (s) | total (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| network | parameters | read (s) | inference (s) | write (s) | total (s) | CPU time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, params, s in rows:
-        total = sum(s.values())
+        total = s["read"] + s["inference"] + s["write"]
         lines.append(
-            f"| {name} | {params / 1e6:.2f} M | {s['read']:.2f} | {s['inference']:.2f} | {s['write']:.2f} | {total:.2f} |"
+            f"| {name} | {params / 1e6:.2f} M | {s['read']:.2f} | {s['inference']:.2f} | {s['write']:.2f} | {total:.2f} | {s['cpu']:.1f} |"
         )
     lines += [
         "",
         "read = header checks + LoadImaged + stacking + RAS + z-scoring; inference = sliding window + "
-        "sigmoid + Invertd back to the input grid; write = threshold, labels, NIfTI + JSON.",
+        "sigmoid + Invertd back to the input grid; write = threshold, labels, NIfTI + JSON. "
+        "read/inference/write are wall-clock seconds; CPU time is this process's CPU seconds over all "
+        "threads for the whole case.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__}, load average during the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
