@@ -13,10 +13,11 @@ each figure is a ratio to ``sum``. The amortised figures are derived from measur
 refresh cycle of N steps, one exact step (``gmd_loop``) and N-1 cheap steps (``gmd_amortised``).
 
 Memory: each variant runs two steps in a fresh subprocess; the figure is the peak resident set
-size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, Linux: KiB) minus the resident size just
-before the first step (model, optimizer and batch built), i.e. the extra memory of the step
-(autograd graph, Jacobian, optimizer state, buffers). tracemalloc does not see torch's
-allocations. On CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the steps.
+size during the steps (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``;
+``ru_maxrss`` elsewhere) minus the resident size just before the first step (model, optimizer
+and batch built), i.e. the extra memory of the step (autograd graph, Jacobian, optimizer state,
+buffers). tracemalloc does not see torch's allocations. On CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before the steps.
 
 Variants:
     sum            forward + backward of the summed loss + optimizer step
@@ -226,13 +227,46 @@ def peak_memory(variant: str, size: int, batch: int, threads: int) -> float:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _reset_peak_rss_kib()
     for _ in range(2):
         step()
         _sync(device)
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return (_peak_rss_kib() - base) / 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss_kib() -> int:
+    """Reset the peak RSS (Linux: write 5 to /proc/self/clear_refs) and return the current RSS.
+
+    Without the reset, a high-water mark reached while importing or building the model would
+    hide the step's own peak. Falls back to ``ru_maxrss`` where /proc is unavailable.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        rss = _status_kib("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss_kib() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
