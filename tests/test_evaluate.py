@@ -155,3 +155,23 @@ def test_subsets_cli_with_the_configured_network(tmp_path):
     table = (out / "robustness.md").read_text()
     assert "| flair+t1+t2 | t1ce | 1 |" in table
     assert table.count("\n| ") == 3  # header + 2 subsets
+
+
+def test_flat_ground_truth_folder_and_grid_mismatch(tmp_path):
+    """--gt may be a folder of <case>.nii.gz; a prediction on another grid is an error, not a score."""
+    shape = (12, 12, 12)
+    gt_dir, pred = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred.mkdir()
+    label = _cube(shape, (2, 2, 2), (6, 6, 6), 1)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), gt_dir / "x.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), gt_dir / "y_seg.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), pred / "x.nii.gz")
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    nib.save(nib.Nifti1Image(label, shifted), pred / "y.nii.gz")
+    assert evaluate_main(["--pred", str(pred), "--gt", str(gt_dir)]) == 1
+    content = json.loads((pred / "metrics.json").read_text())
+    assert [c["case_id"] for c in content["cases"]] == ["x"]
+    assert content["cases"][0]["dice_tc"] == 1.0 and content["cases"][0]["dice_et"] == 1.0
+    assert "different affines" in content["errors"]["y"]
