@@ -83,6 +83,9 @@ def test_inference_network_matches_training():
     train_parser = load_bundle_config(overrides={"network_def": train_def})
     train_net = train_parser.get_parsed_content("network_def")
     infer_net.load_state_dict(train_net.state_dict())
+    # the sliding window sees what training validated with: windows of the training patch size
+    patch = json.loads(TRAIN.read_text())["patch_size"]
+    assert json.loads(DEFAULT_CONFIG.read_text())["roi_size"] == [patch] * 3
 
 
 def test_config_uses_gaussian_sliding_window_and_monai_ids():
