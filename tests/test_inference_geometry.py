@@ -1,7 +1,8 @@
 """Predictions come back in exactly the input's grid, and in the right place.
 
-One phantom case is written as-is and as re-gridded copies of itself (flipped = not RAS,
-sagittal and coronal voxel orders = permuted axes, resampled = non-1 mm anisotropic). Each copy
+One synthetic case is written as-is and as re-gridded copies of itself (flipped = not RAS,
+sagittal and coronal voxel orders = permuted axes, resampled = non-1 mm anisotropic, oblique
+= rotated affine). Each copy
 covers the same anatomy in world space, so its prediction must be the reference prediction carried
 into that copy's grid: exactly for flips and permutations, up to resampling for the anisotropic
 copy. The stand-in network is not flip/permutation symmetric, so skipping the reorientation to
@@ -56,6 +57,10 @@ def dataset(tmp_path_factory):
         images[key] = out[0].numpy()
         affine = out.affine.numpy()
     write_case(root, "aniso", images, affine)
+    # oblique: the same voxels under an affine rotated 20 degrees about z (closest axes still RAS)
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    rotation = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    write_case(root, "oblique", ref_images, rotation @ ref_affine)
     return root
 
 
@@ -74,7 +79,7 @@ def _load(path):
     return img, np.asarray(img.dataobj)
 
 
-@pytest.mark.parametrize("name", ["ref", *REORDERINGS, "aniso"])
+@pytest.mark.parametrize("name", ["ref", *REORDERINGS, "aniso", "oblique"])
 def test_prediction_has_exactly_the_input_grid(dataset, predicted, name):
     ref_img, _ = _load(dataset / name / f"{name}_flair.nii.gz")
     out_img, labels = _load(predicted / f"{name}.nii.gz")
@@ -98,6 +103,13 @@ def test_reordered_input_gives_the_reordered_prediction(dataset, predicted, name
     _, labels = _load(predicted / f"{name}.nii.gz")
     expected, _ = permute_flip(ref_labels, np.eye(4), perm, flips)
     assert np.array_equal(labels, expected)
+
+
+def test_oblique_affine_keeps_the_voxel_prediction(predicted):
+    """Same voxels, rotated affine: reorientation is the identity, so labels match voxel for voxel."""
+    _, ref_labels = _load(predicted / "ref.nii.gz")
+    _, labels = _load(predicted / "oblique.nii.gz")
+    assert np.array_equal(labels, ref_labels)
 
 
 def test_anisotropic_input_gives_the_resampled_prediction(dataset, predicted):
