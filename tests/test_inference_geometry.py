@@ -1,12 +1,12 @@
 """Predictions come back in exactly the input's grid, and in the right place.
 
-One synthetic case is written as-is and as re-gridded copies of itself (flipped = not RAS,
-sagittal and coronal voxel orders = permuted axes, resampled = non-1 mm anisotropic, oblique
-= rotated affine). Each copy
+One synthetic case is written as-is and as re-gridded copies of itself: flipped (not RAS),
+sagittal and coronal voxel orders (permuted axes), resampled (non-1 mm, anisotropic). Each copy
 covers the same anatomy in world space, so its prediction must be the reference prediction carried
 into that copy's grid: exactly for flips and permutations, up to resampling for the anisotropic
-copy. The stand-in network is not flip/permutation symmetric, so skipping the reorientation to
-RAS is caught (negative control).
+copy. An oblique copy keeps the voxels under a rotated affine and must keep the voxel labels. The
+stand-in network is not flip/permutation symmetric, so skipping the reorientation to RAS is caught
+(negative control).
 """
 
 from __future__ import annotations
