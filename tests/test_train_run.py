@@ -104,6 +104,8 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(default_run):
     params = run.data.params
     assert params["aggregator_repr"] == "GMD(order='identity', seed=0)"
     assert params["config/network_def/features"] == "[4, 8, 16]"
+    assert params["config/output_dir"] == f"{root}/runs"  # expressions resolved
+    assert params["config/lr_scheduler/T_max"] == "4"
     assert int(params["data/n_training"]) + int(params["data/n_validation"]) == 5
     assert "versions/monai" in params
     keys = set(run.data.metrics)
@@ -325,3 +327,22 @@ def test_torchrun_two_processes_one_mlflow_run(tmp_path, cache, store):
     assert ckdir.name == run.info.run_id
     assert load_checkpoint(ckdir / "last.pt")["iteration"] == 4
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_skip_invalid_trains_without_the_broken_case(tmp_path, cache, store):
+    import shutil
+
+    (src,) = [p for p in cache.iterdir() if p.name.startswith("phantoms-")]
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    spec = json.loads((data / "dataset.json").read_text())
+    broken = spec["training"][0]
+    (data / broken["t2"]).write_bytes(b"truncated")
+    args = tiny(cache, "--bundle_root", str(tmp_path), "--tracking-uri", store, "--data", str(data))
+    args += ["--experiment", "skip-invalid", "--epochs", "1", "--steps-per-epoch", "1"]
+    assert main(args) == 2  # refused before training without --skip-invalid
+    assert main([*args, "--skip-invalid"]) == 0
+    _, runs = _client(uri=store, experiment="skip-invalid")
+    params = runs[0].data.params
+    assert params["data/n_skipped_invalid"] == "1"
+    assert int(params["data/n_training"]) == len(spec["training"]) - 1

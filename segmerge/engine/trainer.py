@@ -494,7 +494,8 @@ class Trainer:
         import segmerge
 
         raw = self.parser.get()
-        params: dict[str, Any] = {"config": {k: v for k, v in raw.items() if k != "_comment"}}
+        resolved = self._resolved_config()
+        params: dict[str, Any] = {"config": resolved}
         params["aggregator_repr"] = repr(self.aggregator)
         params["train_step_repr"] = repr(self.train_step)
         params["network_repr"] = repr(self.network).splitlines()[0] + "..."
@@ -511,6 +512,36 @@ class Trainer:
         params["device"] = str(self.device)
         self.tracker.log_params(params)
         self.tracker.log_text(json.dumps(raw, indent=2, default=repr), "config/train.json")
+        self.tracker.log_text(json.dumps(resolved, indent=2, default=repr), "config/resolved.json")
+
+    def _resolved_config(self) -> dict[str, Any]:
+        """The configuration with every expression and reference replaced by its value where
+        that value is plain data; components (``_target_``) stay as configured."""
+
+        def plain(value: Any) -> bool:
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                return True
+            if isinstance(value, (list, tuple)):
+                return all(plain(v) for v in value)
+            if isinstance(value, dict):
+                return all(isinstance(k, str) and plain(v) for k, v in value.items())
+            return False
+
+        def walk(cid: str, raw: Any) -> Any:
+            if isinstance(raw, dict):
+                return {k: walk(f"{cid}#{k}", v) for k, v in raw.items()}
+            if isinstance(raw, list):
+                return [walk(f"{cid}#{i}", v) for i, v in enumerate(raw)]
+            if isinstance(raw, str) and raw[:1] in ("$", "@") and not cid.startswith("imports"):
+                try:
+                    value = self.parser.get_parsed_content(cid)
+                except Exception:  # an expression that needs runtime objects: keep its text
+                    return raw
+                return list(value) if isinstance(value, tuple) else value if plain(value) else raw
+            return raw
+
+        raw = self.parser.get()
+        return {k: walk(k, v) for k, v in raw.items() if k not in ("_comment", "imports")}
 
     # ================================================================== checkpoints
     def _state(self) -> dict[str, Any]:
