@@ -176,3 +176,27 @@ def test_distributed_sampler_option(spec, tmp_path):
         )
     finally:
         dist.destroy_process_group()
+
+
+def test_one_thread_compose_restores_thread_count():
+    import threading
+
+    from segmerge.data.transforms import OneThreadCompose
+
+    seen = []
+
+    def probe(d):
+        seen.append(torch.get_num_threads())
+        return d
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        OneThreadCompose([probe])({"x": 1})
+        assert seen == [1] and torch.get_num_threads() == 2
+        t = threading.Thread(target=lambda: OneThreadCompose([probe])({"x": 1}))
+        t.start()
+        t.join()
+        assert seen[1] == 2 and torch.get_num_threads() == 2  # other threads leave it alone
+    finally:
+        torch.set_num_threads(before)

@@ -22,6 +22,7 @@ from segmerge.data.phantom_io import case_seed, write_phantom_dataset, write_pre
 from segmerge.data.transforms import (
     CheckLabeld,
     LabelToRegionsd,
+    OneThreadCompose,
     RandModalityDropoutd,
     StackModalitiesd,
     make_dataloader,
@@ -37,6 +38,7 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "LabelToRegionsd",
+    "OneThreadCompose",
     "PhantomCase",
     "Problem",
     "RandModalityDropoutd",

@@ -16,6 +16,7 @@ than three float32 region channels); it becomes region channels after the crop. 
 
 from __future__ import annotations
 
+import threading as threading_mod
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -248,6 +249,31 @@ class _DropNone(MapTransform):
         return {k: v for k, v in dict(data).items() if not (k in self.keys and v is None)}
 
 
+class OneThreadCompose(Compose):
+    """``Compose`` that runs its transforms with one torch thread when called in the main thread.
+
+    Patch-sized tensors gain nothing from intra-op threads, and on a busy 2-core machine the
+    thread hand-offs dominate: measured 8 ms CPU per 48³ training sample with 1 thread against
+    114 ms with 2. With ``num_workers=0`` the loader runs between training steps (never during
+    one), so the training step keeps its thread count. Cache-filling threads and loader worker
+    processes are left alone (worker processes already use one thread).
+
+    Args:
+        *args: as :class:`monai.transforms.Compose`.
+        **kwargs: as :class:`monai.transforms.Compose`.
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        n = torch.get_num_threads()
+        if n == 1 or threading_mod.current_thread() is not threading_mod.main_thread():
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        torch.set_num_threads(1)
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        finally:
+            torch.set_num_threads(n)
+
+
 def train_transforms(
     patch_size: int | Sequence[int] = 64,
     modality_dropout: float = 0.0,
@@ -319,7 +345,7 @@ def train_transforms(
         RandModalityDropoutd(IMAGE, prob=modality_dropout),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
     ]
-    compose = Compose(steps)
+    compose = OneThreadCompose(steps)
     if seed is not None:
         compose.set_random_state(seed=int(seed))
     return compose
