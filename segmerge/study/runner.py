@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -134,6 +135,12 @@ def method_train_command(
     if settings.device:
         cmd += ["--device", settings.device]
     return cmd + settings.budget.train_args() + list(settings.extra)
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _machine() -> str:
@@ -373,6 +380,7 @@ class Study:
         self.log(f"{label} training (log: {log_path})")
         env = dict(os.environ, PYTHONUNBUFFERED="1", SEGMERGE_CONFIGS=str(self.config_dir))
         t0 = time.perf_counter()
+        cpu0 = _children_cpu()
         with open(log_path, "a") as log_file:
             log_file.write(f"$ {' '.join(cmd)}\n")
             log_file.flush()
@@ -388,6 +396,7 @@ class Study:
                     proc.kill()
                 raise
         seconds = time.perf_counter() - t0
+        cpu_seconds = _children_cpu() - cpu0
         runs = self._run_ids(method)
         run_id = runs[0] if len(runs) == 1 else None
         if code != 0:
@@ -404,6 +413,7 @@ class Study:
             "method": method,
             "run_id": run_id,
             "train_seconds": seconds,
+            "train_cpu_seconds": cpu_seconds,
             "command": cmd,
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -433,7 +443,7 @@ class Study:
             folder / "models" / "model.pt",
             self.val_datalist,
             network_def,
-            roi_size=patch,
+            roi_size=int(ev.get("roi_size") or patch),
             et_label=et_label,
             device=device,
             overlap=float(ev.get("overlap", 0.25)),
@@ -487,9 +497,10 @@ class Study:
                 f"{label} trained in {train['train_seconds']:.0f} s; evaluating 15 subsets "
                 f"on {self.n_val} validation case(s)"
             )
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             evaluation = self._evaluate(method, run_id)
             eval_seconds = time.perf_counter() - t0
+            eval_cpu_seconds = time.process_time() - cpu0
             stage = "MLflow logging"
             self._tag_and_log(method, run_id, evaluation)
         except KeyboardInterrupt:
@@ -513,6 +524,8 @@ class Study:
             "run_id": run_id,
             "train_seconds": float(train["train_seconds"]),
             "eval_seconds": eval_seconds,
+            "train_cpu_seconds": train.get("train_cpu_seconds"),
+            "eval_cpu_seconds": eval_cpu_seconds,
             "evaluation": evaluation.to_dict(),
         }
         atomic_write_json(result_path, record)
