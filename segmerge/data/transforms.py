@@ -112,6 +112,9 @@ class StackModalitiesd(MapTransform):
 class CheckLabeld(MapTransform):
     """Refuse label values outside ``{0, 1, 2, et_label}`` with the case's name.
 
+    Written by hand: MONAI has no label-set check, and a silently accepted 3 in an ET = 4
+    dataset would train ET as background.
+
     Args:
         keys: label key(s).
         et_label: enhancing-tumour label value (4 or 3).
