@@ -43,6 +43,33 @@ def _validation_datalist(dataset: Path, out: Path) -> Path:
     return path
 
 
+def predict_and_score(
+    dataset: Path, model: Path, patch: int, et_label: int, out: Path
+) -> tuple[dict[str, float], int] | None:
+    """Predict the validation cases with the trained weights and score them.
+
+    Returns:
+        ``(mean metrics, number of cases)``, or None when ``segmerge.inference`` is missing.
+    """
+    try:
+        from segmerge.inference.cli import predict_main
+        from segmerge.inference.evaluate import evaluate_predictions
+    except ImportError:
+        return None
+    datalist = _validation_datalist(dataset, out)
+    pred = out / "predictions"
+    cmd = [
+        "--input", str(datalist), "--output", str(pred), "--overwrite", "--model", str(model),
+        "--set", f"roi_size=[{patch},{patch},{patch}]",
+    ]  # fmt: skip
+    print("\n$ python -m segmerge predict " + " ".join(cmd), flush=True)
+    if predict_main(cmd) not in (0, None):
+        raise SystemExit("demo: prediction failed")
+    print(f"\n$ python -m segmerge evaluate --pred {pred} --gt {datalist}", flush=True)
+    result = evaluate_predictions(pred, datalist, et_label)
+    return dict(result.aggregate("mean")), len(result.rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, predict, evaluate, print. Returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -60,33 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = load_config(parse_argv(args))
     dataset = dataset_location(parser)
     patch = int(parser.get_parsed_content("patch_size"))
-    out = REPO / "runs" / "demo"
-    table: dict[str, float] | None = None
-    try:
-        from segmerge.inference.cli import predict_main
-        from segmerge.inference.evaluate import evaluate_predictions
-    except ImportError:
-        predict_main = None
-    if predict_main is not None:
-        datalist = _validation_datalist(dataset, out)
-        pred = out / "predictions"
-        cmd = [
-            "--input", str(datalist), "--output", str(pred), "--overwrite",
-            "--set", f"roi_size=[{patch},{patch},{patch}]",
-        ]  # fmt: skip
-        print("\n$ python -m segmerge predict " + " ".join(cmd), flush=True)
-        if predict_main(cmd) not in (0, None):
-            print("demo: prediction failed", file=sys.stderr)
-            return 1
-        print(f"\n$ python -m segmerge evaluate --pred {pred} --gt {datalist}", flush=True)
-        result = evaluate_predictions(
-            pred, datalist, int(parser.get_parsed_content("dataset#et_label"))
-        )
-        table = dict(result.aggregate("mean"))
+    et_label = int(parser.get_parsed_content("dataset#et_label"))
+    model = Path(parser.get_parsed_content("bundle_root")).absolute() / "models" / "model.pt"
+    scored = predict_and_score(dataset, model, patch, et_label, REPO / "runs" / "demo")
     wall = time.time() - t0
     print("\n=== segmerge demo ===")
-    if table is not None:
-        print(f"validation phantoms, predicted with models/model.pt ({len(result.rows)} cases):")
+    if scored is not None:
+        table, n_cases = scored
+        print(f"validation phantoms, predicted with models/model.pt ({n_cases} cases):")
         print(f"  {'region':<8}{'Dice':>8}{'HD95':>9}")
         for region in ("wt", "tc", "et"):
             dice = _pick(table, "dice", region)
