@@ -7,8 +7,9 @@ This is the one module that talks to autograd for the aggregated update. Per ste
                       "batched" (one vmapped backward); zero rows on unreached tensors
     [all_reduce]   <- one flat all_reduce of [J | reference | losses], averaged over ranks
     update (D,)    <- aggregator(J, shared=mask, names=names, reference=r)
-    .grad          <- views into one flat buffer, zeroed when anything was non-finite
-    clip, step     <- clip_grad_norm_ after aggregation; optimizer step guarded (no-op on skip)
+    .grad          <- views of the (D,) update (no copy); None on tensors no objective reaches
+    clip, step     <- clip_grad_norm_ after aggregation; optimizer step guarded: a no-op, on
+                      device, when a loss, J or the update is non-finite (skip counted)
 
 Amortised mode (``refresh_every=N``): J and the coefficients c = C.sum(0) are recomputed every N
 steps; in between one backward of Σ_k c_k L_k (c matched by objective name) gives Jᵀc directly,
