@@ -484,6 +484,8 @@ class Trainer:
         self.checkpoint_dir = self.checkpoint_root / str(run_id)
         if self.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a killed writer
+                stale.unlink(missing_ok=True)
             if self.resume_state is None:
                 self._log_params()
 
@@ -663,8 +665,10 @@ class Trainer:
         now = time.time()
         steps = it - self._last_flush_it
         values = self.metrics.flush()  # the one host sync of the interval
-        if steps > 0:
-            values["perf/steps_per_second"] = steps / max(now - self._last_flush_t, 1e-9)
+        if steps > 0:  # training time only: validation pauses are subtracted
+            busy = now - self._last_flush_t - self._paused_s
+            values["perf/steps_per_second"] = steps / max(busy, 1e-9)
+        self._paused_s = 0.0
         values["lr"] = float(self.optimizer.param_groups[0]["lr"])
         self._last_flush_t, self._last_flush_it = now, it
         self.tracker.add_metrics(values, step=it)
@@ -687,6 +691,13 @@ class Trainer:
             engine.terminate()
 
     def _validate(self, epoch: int) -> ValidationResult:
+        t0 = time.time()
+        try:
+            return self._validate_now(epoch)
+        finally:
+            self._paused_s += time.time() - t0
+
+    def _validate_now(self, epoch: int) -> ValidationResult:
         it = self.iteration
         result = validate(
             self.network,
@@ -755,6 +766,7 @@ class Trainer:
         start = self.iteration
         self._start_epoch = start // self.steps_per_epoch
         self._last_flush_t, self._last_flush_it = time.time(), start
+        self._paused_s = 0.0
         self.last_result: ValidationResult | None = None
         self._signal: int | None = None
         self.bar = None
