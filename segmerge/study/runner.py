@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -135,6 +136,10 @@ def method_train_command(
     if settings.device:
         cmd += ["--device", settings.device]
     return cmd + settings.budget.train_args() + list(settings.extra)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _children_cpu() -> float:
@@ -294,7 +299,7 @@ class Study:
                 et_label=self.et_label,
                 layout=str(spec.get("layout", "brats2021")),
                 val_fraction=float(spec.get("val_fraction", 0.2)),
-                workers=max(1, min(2, os.cpu_count() or 1)),
+                workers=max(1, min(8, os.cpu_count() or 1)),
                 progress=False,
             )
             os.replace(tmp, folder)  # the dataset appears whole or not at all
@@ -384,16 +389,21 @@ class Study:
         with open(log_path, "a") as log_file:
             log_file.write(f"$ {' '.join(cmd)}\n")
             log_file.flush()
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            # Own session: a Ctrl-C in the terminal reaches this process only, which forwards
+            # exactly one SIGINT (a second one would make the trainer stop without saving).
+            proc = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
             try:
                 code = proc.wait()
             except KeyboardInterrupt:
-                # the child got the same SIGINT: let it save its checkpoint before we stop
+                # the trainer saves a checkpoint at the end of its current step, then exits
                 try:
                     proc.send_signal(signal.SIGINT)
-                    proc.wait(timeout=120)
+                    proc.wait(timeout=300)
                 except (subprocess.TimeoutExpired, OSError):
                     proc.kill()
+                    proc.wait()
                 raise
         seconds = time.perf_counter() - t0
         cpu_seconds = _children_cpu() - cpu0
@@ -620,8 +630,16 @@ class Study:
             f"case(s)); output {self.out}"
         )
         summaries = []
-        for i, m in enumerate(self.s.methods, 1):
-            summaries.append(self.run_method(m, label=f"[{i}/{n}] {m}:"))
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM stops like Ctrl-C: the running training saves its checkpoint first
+            previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            for i, m in enumerate(self.s.methods, 1):
+                summaries.append(self.run_method(m, label=f"[{i}/{n}] {m}:"))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         md = self.report(summaries)
         self.log(f"results: {md}; plots in {self.out / 'plots'} ({', '.join(PLOT_FILES.values())})")
         from segmerge.engine import ui_command
