@@ -50,7 +50,16 @@ def matrix_heatmap(
     vmin: float | None = -1.0,
     vmax: float | None = 1.0,
 ) -> Path:
-    """Heatmap of a square matrix labelled with objective names, values written in the cells."""
+    """Heatmap of a square matrix labelled with objective names, values written in the cells.
+
+    Args:
+        matrix: (K, K) values (NaN cells are left blank).
+        names: the K objective names, rows and columns.
+        title: figure title.
+        path: PNG to write (atomically).
+        vmin: colour range; with ``vmax`` both None the range is symmetric around 0.
+        vmax: see ``vmin``.
+    """
     mat = (
         torch.as_tensor(matrix).double().cpu().numpy()
         if not isinstance(matrix, np.ndarray)
@@ -59,6 +68,10 @@ def matrix_heatmap(
     k = len(names)
     if mat.shape != (k, k):
         raise ValueError(f"{title}: matrix of shape {mat.shape} for {k} names")
+    if vmin is None and vmax is None:  # symmetric around 0 so the sign reads from the colour
+        finite = np.abs(mat[np.isfinite(mat)])
+        bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        vmin, vmax = -bound, bound
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.8 + 0.65 * k))
     im = ax.imshow(mat, cmap="RdBu_r", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
