@@ -116,6 +116,10 @@ class TrainStep:
             summed loss during ``backward()``, whereas the aggregation needs all K rows averaged
             before it runs. Gradients here come from ``torch.autograd.grad``, which never fires
             those hooks, so pass the raw module (or run the forward under ``ddp.no_sync()``).
+            Every rank must pass the same objective names in the same order each step (e.g.
+            modality dropout drawn from a generator seeded identically on all ranks): the rows
+            are averaged position by position. A non-finite value on any rank reaches every
+            rank through the all_reduce, so all ranks skip together.
         fuse_disjoint: loop strategy: differentiate objectives with pairwise disjoint reach in
             one backward (default True).
 
