@@ -399,3 +399,26 @@ def test_blending_gradient_estimator_gets_the_validation_reference_row():
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert got.abs().sum() > 0
+
+
+def test_amortised_refreshes_on_unknown_names_and_skips_non_finite_cheap_steps():
+    net = TinyDSNet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+    ts = TrainStep(net, opt, GMDAgg(), strategy="loop", refresh_every=10)
+    x, t = batch()
+    outs = net(x)
+    r0 = ts.step(named_losses({n: outs[n] for n in ("fused.d0", "fused.d1")}, t))
+    assert r0.refreshed
+    r1 = ts.step(_losses(net, seed=1))  # modality rows never seen: no coefficients, refresh
+    assert r1.refreshed and len(r1.names) == 6
+    r2 = ts.step(_losses(net, seed=2))
+    assert not r2.refreshed
+    params = [p.detach().clone() for p in net.parameters()]
+    state = _state(opt)
+    outs = net(x)
+    outs["fused.d1"] = outs["fused.d1"] * float("nan")
+    r3 = ts.step(named_losses(outs, t))
+    assert not r3.refreshed and bool(r3.skipped) and int(r3.skipped_total) == 1
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params))
+    after = _state(opt)
+    assert all(torch.equal(after[key], state[key]) for key in state)
