@@ -449,6 +449,25 @@ class Study:
         folder = self.method_dir(method)
         network_def, patch, et_label, device = self._trained_config(folder, run_id)
         ev = self.s.budget.evaluation
+        import torch
+
+        threads = torch.get_num_threads()
+        if ev.get("num_threads"):
+            torch.set_num_threads(int(ev["num_threads"]))
+        try:
+            return self._evaluate_with(folder, network_def, patch, et_label, device, ev)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _evaluate_with(
+        self,
+        folder: Path,
+        network_def: dict[str, Any],
+        patch: int,
+        et_label: int,
+        device: str,
+        ev: dict[str, Any],
+    ) -> EvaluationResult:
         return evaluate_model(
             folder / "models" / "model.pt",
             self.val_datalist,
