@@ -44,7 +44,7 @@ __all__ = ["AUTO_STRATEGY", "StepReport", "TrainStep"]
 Strategy = Literal["auto", "loop", "batched"]
 
 #: Jacobian strategy that ``strategy="auto"`` picks per device type. CPU: measured
-#: (docs/bench_step.md: on the default network at 2x4x48^3 the batched/vmap Jacobian costs 3.2x
+#: (docs/benchmarks.md, training-step section: on the default network at 2x4x48^3 the batched/vmap Jacobian costs 3.2x
 #: the loop one and 2x its memory). CUDA: not measured yet, "loop" until it is. Device types not
 #: listed use "loop", which works everywhere.
 AUTO_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "loop"}
