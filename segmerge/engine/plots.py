@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from segmerge.atomic import atomic_destination  # noqa: E402
 from segmerge.conventions import MODALITIES, REGIONS  # noqa: E402
 
 __all__ = ["matrix_heatmap", "curves", "validation_montage", "save_figure"]
@@ -29,16 +29,12 @@ __all__ = ["matrix_heatmap", "curves", "validation_montage", "save_figure"]
 def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
     """Save a figure atomically (temporary file, then rename) and close it."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=dest.suffix, dir=dest.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, dest)
+        # matplotlib picks the format from the extension, so the temporary name keeps it
+        with atomic_destination(dest, suffix=dest.suffix) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from segmerge.atomic import atomic_destination, write_text_atomic
 from segmerge.conventions import MODALITIES, REGIONS, check_et_label, regions_to_labels
 from segmerge.inference.cases import CaseInputs, discover_cases
 
@@ -63,30 +62,15 @@ def probabilities_path(output_dir: str | Path, case_id: str) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :mod:`segmerge.atomic`)."""
+    write_text_atomic(path, text)
 
 
 def atomic_save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
     """Save a NIfTI image atomically (temporary name ending in ``.nii.gz``, then ``os.replace``)."""
-    path = Path(path)
     # nibabel picks compression from the extension, so the temporary name keeps ".nii.gz"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
-    os.close(fd)
-    try:
+    with atomic_destination(path, suffix=".tmp.nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_weights(

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segmerge.atomic import write_text_atomic
 from segmerge.study.budgets import Budget
 from segmerge.study.evaluation import EvaluationResult, evaluate_model, write_validation_datalist
 from segmerge.study.report import PLOT_FILES, MethodSummary, results_markdown, write_plots
@@ -61,32 +62,12 @@ class StudyError(ValueError):
 
 
 def atomic_write_json(path: str | Path, content: Any) -> Path:
-    """Write JSON through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (see :mod:`segmerge.atomic`)."""
+    return write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 @dataclass
