@@ -23,10 +23,11 @@ import torch
 from test_inference_helpers import blob_case, digests, write_case
 
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.inference import DEFAULT_CONFIG, load_bundle_config
+from segmerge.inference import load_bundle_config
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
+DEFAULT_CONFIG = ROOT / "configs" / "inference.json"
 SCHEMA = ROOT / "configs" / "schema" / "meta_schema_20240725.json"
 TRAIN = ROOT / "configs" / "train.json"
 

@@ -56,3 +56,14 @@ def test_installs_segmerge_from_the_repository():
 def test_entrypoint_is_the_segmerge_cli():
     entry = [arg for ins, arg in _instructions() if ins == "ENTRYPOINT"]
     assert entry and entry[-1].replace(" ", "") == '["python","-m","segmerge"]'
+
+
+def test_configs_are_copied_and_pointed_at():
+    """A regular install has no configs/ beside the package: the image must copy them and name
+    them in SEGMERGE_CONFIGS, or train and predict find nothing (see test_bundle_paths.py)."""
+    ins = _instructions()
+    envs = " ".join(arg for i, arg in ins if i == "ENV")
+    match = re.search(r"SEGMERGE_CONFIGS=(\S+)", envs)
+    assert match, "SEGMERGE_CONFIGS is not set"
+    copies = [arg.split() for i, arg in ins if i == "COPY"]
+    assert ["configs", match.group(1)] in copies, f"configs/ is not copied to {match.group(1)}"

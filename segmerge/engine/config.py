@@ -20,13 +20,14 @@ import difflib
 import importlib
 import inspect
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+
+from segmerge.bundle_paths import config_dir
 
 __all__ = [
     "NAMED_OPTIONS",
@@ -112,14 +113,9 @@ class TrainOptions:
 
 
 def default_config_dir() -> Path:
-    """The bundle's ``configs`` folder: ``$SEGMERGE_CONFIGS``, ``./configs``, or the repository's."""
-    env = os.environ.get("SEGMERGE_CONFIGS")
-    if env:
-        return Path(env)
-    here = Path.cwd() / "configs"
-    if (here / "train.json").is_file():
-        return here
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The bundle's ``configs`` folder: ``$SEGMERGE_CONFIGS``, ``./configs``, or the checkout's
+    (:func:`segmerge.bundle_paths.config_dir`)."""
+    return config_dir("train.json")
 
 
 def available_aggregators(config_dir: Path | None = None) -> list[str]:

@@ -8,7 +8,7 @@ Commands::
     python -m segmerge evaluate --pred OUT --gt GT [--subsets all --model PATH --input IN]
 """
 
-from segmerge.inference.bundle import DEFAULT_CONFIG, build_predictor, load_bundle_config
+from segmerge.inference.bundle import build_predictor, default_config, load_bundle_config
 from segmerge.inference.cases import CaseInputs, case_id_from_path, discover_cases
 from segmerge.inference.evaluate import (
     CONVENTIONS,
@@ -34,7 +34,7 @@ from segmerge.inference.predictor import (
 
 __all__ = [
     "CONVENTIONS",
-    "DEFAULT_CONFIG",
+    "default_config",
     "EvaluationResult",
     "all_subsets",
     "evaluate_predictions",

@@ -11,14 +11,16 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from segmerge.bundle_paths import config_file
 from segmerge.inference.predictor import BratsPredictor
 
-__all__ = ["DEFAULT_CONFIG", "BUNDLE_ROOT", "load_bundle_config", "build_predictor"]
+__all__ = ["default_config", "load_bundle_config", "build_predictor"]
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-"""The repository root is the bundle root (``configs/``, ``models/``, ``docs/`` live there)."""
 
-DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
+def default_config() -> Path:
+    """``inference.json`` of ``$SEGMERGE_CONFIGS``, ``./configs`` or the checkout's ``configs/``
+    (:func:`segmerge.bundle_paths.config_dir`); its folder's parent is the bundle root."""
+    return config_file("inference.json")
 
 
 def load_bundle_config(
@@ -27,14 +29,14 @@ def load_bundle_config(
     """Parse the inference config (and ``metadata.json`` beside it) with optional overrides.
 
     Args:
-        config_file: path of ``inference.json``; default: the repository's ``configs/inference.json``.
+        config_file: path of ``inference.json``; default: :func:`default_config`.
         overrides: id -> value pairs, MONAI syntax (``"network_def#features": [4, 8]``); values are
             set as given, so objects (a ``torch.nn.Module``) are accepted too.
 
     Returns:
         The parser, not yet instantiated.
     """
-    config_file = Path(config_file) if config_file is not None else DEFAULT_CONFIG
+    config_file = Path(config_file) if config_file is not None else default_config()
     if not config_file.is_file():
         raise FileNotFoundError(f"bundle config {config_file} not found (pass --config PATH)")
     parser = ConfigParser()
@@ -42,7 +44,7 @@ def load_bundle_config(
     meta = config_file.parent / "metadata.json"
     if meta.is_file():
         parser.read_meta(str(meta))
-    # same default bundle_root as `--bundle_root <repo>` on the monai.bundle command line
+    # the bundle root is the folder holding configs/, as `--bundle_root` on the monai.bundle line
     parser["bundle_root"] = str(config_file.resolve().parent.parent)
     for key, value in (overrides or {}).items():
         parser[key] = value
@@ -53,7 +55,7 @@ def build_predictor(config_file: str | Path | None = None, **overrides: Any) -> 
     """Instantiate the config's ``predictor`` (network, weights, transforms, inferer).
 
     Args:
-        config_file: path of ``inference.json``; default: the repository's.
+        config_file: path of ``inference.json``; default: :func:`default_config`.
         **overrides: id -> value pairs as in :func:`load_bundle_config` (e.g.
             ``model_path="models/model.pt"``, ``device="cpu"``, ``overwrite=True``).
     """

@@ -1,0 +1,55 @@
+"""Where the bundle's ``configs/`` folder is, for every command that reads one.
+
+The repository root is a MONAI bundle, so its configs live in ``configs/`` beside the package, not
+inside it. A checkout (or an editable install) finds them there; a regular install (the Docker
+image, ``pip install .``) has the package alone and must be told: ``$SEGMERGE_CONFIGS``.
+
+Lookup order, the same for ``train``, ``compare``, ``predict`` and ``evaluate``:
+
+1. ``$SEGMERGE_CONFIGS`` when set (an error if the file is not there: a wrong setting is never
+   silently replaced by another folder);
+2. ``./configs`` when it holds the file (a copy of the bundle you run from);
+3. the ``configs/`` of the checkout this package was imported from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["CONFIGS_ENV", "CHECKOUT", "config_dir", "config_file"]
+
+CONFIGS_ENV = "SEGMERGE_CONFIGS"
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The folder holding the package; the bundle root when running from a checkout."""
+
+
+def config_dir(needs: str = "train.json") -> Path:
+    """The bundle configs folder that holds ``needs`` (see the module docstring for the order).
+
+    Raises:
+        FileNotFoundError: naming every folder looked at and how to point at the right one.
+    """
+    env = os.environ.get(CONFIGS_ENV)
+    if env:
+        folder = Path(env).expanduser()
+        if not (folder / needs).is_file():
+            raise FileNotFoundError(
+                f"${CONFIGS_ENV}={env}: {folder / needs} does not exist; "
+                f"{CONFIGS_ENV} must name the bundle's configs folder (the one holding {needs})"
+            )
+        return folder.absolute()
+    looked = [Path.cwd() / "configs", CHECKOUT / "configs"]
+    for folder in looked:
+        if (folder / needs).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no bundle configs folder with {needs}: looked in "
+        + " and ".join(str(f) for f in looked)
+        + f"; run from the segmerge repository, or set {CONFIGS_ENV} to its configs folder"
+    )
+
+
+def config_file(name: str) -> Path:
+    """``config_dir(name) / name``: e.g. ``config_file("inference.json")``."""
+    return config_dir(name) / name
