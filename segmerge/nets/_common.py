@@ -1,4 +1,4 @@
-"""Input checks and the availability mask shared by the segmerge networks.
+"""Checks and constructor bookkeeping shared by the segmerge networks.
 
 Every check here reads shapes and dtypes only (Python ints), never tensor values, so the
 forward passes stay free of device syncs and trace cleanly.
@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Sequence
 
 import torch
+from monai.networks.blocks import UnetUpBlock
+from torch import nn
 
 NORM_NAMES = ("instance", "batch", "group", "layer", "instance_nvfuser", "syncbatch")
 """Normalisation names accepted by MONAI's ``get_norm_layer`` that make sense here."""
@@ -71,3 +73,75 @@ def check_input(x: torch.Tensor, in_channels: int, divisor: int, names: Sequence
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {divisor} "
                 f"(2^depth for {divisor.bit_length() - 1} downsamplings); pad or crop the patch"
             )
+
+
+def init_contract(
+    net: nn.Module,
+    modalities: Sequence[str],
+    out_channels: int,
+    features: Sequence[int],
+    deep_supervision: int,
+    norm: str | tuple,
+    dropout: float,
+    **options: object,
+) -> None:
+    """Check the arguments every segmerge network shares and set its contract attributes.
+
+    Sets ``modalities``, ``out_channels``, ``features``, ``deep_supervision``, ``divisor``
+    (``2 ** depth``: spatial sizes must be multiples) and ``_config`` (these arguments plus
+    ``options``, the network's own, as :func:`describe` prints them).
+
+    Raises:
+        ValueError: naming the argument, its value and the rule it breaks.
+    """
+    mods = tuple(str(m) for m in modalities)
+    if not mods or len(set(mods)) != len(mods):
+        raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
+    feats = check_features(features)
+    depth = len(feats) - 1
+    if not 1 <= int(deep_supervision) <= depth:
+        raise ValueError(
+            f"deep_supervision must be between 1 and len(features) - 1 = {depth} "
+            f"(one fused head per decoder level), got {deep_supervision!r}"
+        )
+    if int(out_channels) < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_norm(norm)
+    net.modalities = mods
+    net.out_channels = int(out_channels)
+    net.features = feats
+    net.deep_supervision = int(deep_supervision)
+    net.divisor = 2**depth
+    net._config = {
+        "modalities": mods,
+        "out_channels": net.out_channels,
+        "features": feats,
+        "deep_supervision": net.deep_supervision,
+        "norm": norm,
+        "dropout": float(dropout),
+        **options,
+    }
+
+
+def describe(net: nn.Module) -> str:
+    """``extra_repr`` of a network set up by :func:`init_contract`: its constructor arguments."""
+    return ", ".join(f"{k}={v!r}" for k, v in net._config.items())
+
+
+def up_block(
+    in_channels: int, out_channels: int, norm: str | tuple, act: str | tuple, dropout: float | None
+) -> UnetUpBlock:
+    """One decoder level: MONAI's transposed-conv upsampling (x2), skip concat, two 3³ convs."""
+    return UnetUpBlock(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=3,
+        stride=1,
+        upsample_kernel_size=2,
+        norm_name=norm,
+        act_name=act,
+        dropout=dropout,
+    )

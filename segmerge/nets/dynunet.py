@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.functional import interpolate
 
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.nets._common import check_features, check_input, check_norm
+from segmerge.nets._common import check_input, describe, init_contract
 
 __all__ = ["DynUNetDS"]
 
@@ -51,31 +51,11 @@ class DynUNetDS(nn.Module):
         res_block: bool = False,
     ) -> None:
         super().__init__()
-        mods = tuple(str(m) for m in modalities)
-        if not mods or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
-        feats = check_features(features)
-        depth = len(feats) - 1
-        if not 1 <= int(deep_supervision) <= depth:
-            raise ValueError(
-                f"deep_supervision must be between 1 and len(features) - 1 = {depth}, "
-                f"got {deep_supervision!r}"
-            )
-        check_norm(norm)
-        self.modalities = mods
-        self.out_channels = int(out_channels)
-        self.features = feats
-        self.deep_supervision = int(deep_supervision)
-        self.divisor = 2**depth
-        self._config = {
-            "modalities": mods,
-            "out_channels": self.out_channels,
-            "features": feats,
-            "deep_supervision": self.deep_supervision,
-            "norm": norm,
-            "dropout": float(dropout),
-            "res_block": bool(res_block),
-        }
+        init_contract(
+            self, modalities, out_channels, features, deep_supervision, norm, dropout,
+            res_block=bool(res_block),
+        )  # fmt: skip
+        mods, feats, depth = self.modalities, self.features, len(self.features) - 1
         self.net = DynUNet(
             spatial_dims=3,
             in_channels=len(mods),
@@ -94,7 +74,7 @@ class DynUNetDS(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        return describe(self)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:

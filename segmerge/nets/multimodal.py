@@ -21,11 +21,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock
 from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.nets._common import check_features, check_input, check_norm, suggest
+from segmerge.nets._common import (
+    check_features,
+    check_input,
+    describe,
+    init_contract,
+    suggest,
+    up_block,
+)
 
 __all__ = ["MultiModalDSNet", "ModalityEncoder", "AuxDecoder"]
 
@@ -124,17 +131,7 @@ class AuxDecoder(nn.Module):
         top = len(features) - 1
         self.aux_level = aux_level
         self.ups = nn.ModuleList(
-            UnetUpBlock(
-                spatial_dims=3,
-                in_channels=features[level + 1],
-                out_channels=features[level],
-                kernel_size=3,
-                stride=1,
-                upsample_kernel_size=2,
-                norm_name=norm,
-                act_name=act,
-                dropout=dropout,
-            )
+            up_block(features[level + 1], features[level], norm, act, dropout)
             for level in range(top - 1, aux_level - 1, -1)
         )
         self.out = UnetOutBlock(
@@ -200,16 +197,7 @@ class MultiModalDSNet(nn.Module):
         act: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
     ) -> None:
         super().__init__()
-        mods = tuple(str(m) for m in modalities)
-        if not mods or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
-        feats = check_features(features)
-        depth = len(feats) - 1
-        if not 1 <= int(deep_supervision) <= depth:
-            raise ValueError(
-                f"deep_supervision must be between 1 and len(features) - 1 = {depth} "
-                f"(one fused head per decoder level), got {deep_supervision!r}"
-            )
+        depth = len(check_features(features)) - 1
         if not 0 <= int(aux_level) <= depth:
             raise ValueError(f"aux_level must be between 0 and {depth}, got {aux_level!r}")
         if fusion not in FUSIONS:
@@ -218,31 +206,14 @@ class MultiModalDSNet(nn.Module):
             )
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}" + suggest(stem, STEMS))
-        if int(out_channels) < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        check_norm(norm)
+        init_contract(
+            self, modalities, out_channels, features, deep_supervision, norm, dropout,
+            fusion=fusion, aux_level=int(aux_level), stem=stem,
+        )  # fmt: skip
+        mods, feats = self.modalities, self.features
         drop = float(dropout) if dropout else None
-
-        self.modalities = mods
-        self.out_channels = int(out_channels)
-        self.features = feats
-        self.deep_supervision = int(deep_supervision)
         self.fusion = fusion
         self.aux_level = int(aux_level)
-        self.divisor = 2**depth
-        self._config = {
-            "modalities": mods,
-            "out_channels": self.out_channels,
-            "features": feats,
-            "deep_supervision": self.deep_supervision,
-            "norm": norm,
-            "dropout": float(dropout),
-            "fusion": fusion,
-            "aux_level": self.aux_level,
-            "stem": stem,
-        }
 
         self.encoders = nn.ModuleDict(
             {m: ModalityEncoder(feats, norm, act, drop, stem) for m in mods}
@@ -250,17 +221,7 @@ class MultiModalDSNet(nn.Module):
         self.decoder = nn.Module()
         # decoder.ups[i] goes from level depth-i to level depth-i-1 (coarsest first).
         self.decoder.ups = nn.ModuleList(
-            UnetUpBlock(
-                spatial_dims=3,
-                in_channels=feats[level + 1],
-                out_channels=feats[level],
-                kernel_size=3,
-                stride=1,
-                upsample_kernel_size=2,
-                norm_name=norm,
-                act_name=act,
-                dropout=drop,
-            )
+            up_block(feats[level + 1], feats[level], norm, act, drop)
             for level in range(depth - 1, -1, -1)
         )
         self.heads = nn.ModuleDict(
@@ -277,7 +238,7 @@ class MultiModalDSNet(nn.Module):
 
     # ------------------------------------------------------------------ description
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        return describe(self)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:
