@@ -48,7 +48,9 @@ def test_a_regular_install_needs_and_uses_segmerge_configs(tmp_path):
     """The package copied alone (what `pip install .` and the Docker image hold), run from a folder
     without configs/: a clear error without $SEGMERGE_CONFIGS, working commands with it."""
     site, work = tmp_path / "site", tmp_path / "work"
-    shutil.copytree(ROOT / "segmerge", site / "segmerge", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "segmerge", site / "segmerge", ignore=shutil.ignore_patterns("__pycache__")
+    )
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != CONFIGS_ENV}
     env["PYTHONPATH"] = str(site)

@@ -45,7 +45,9 @@ def test_installs_segmerge_from_the_repository():
     copies = " ".join(arg for i, arg in ins if i == "COPY")
     assert "pyproject.toml" in copies and "segmerge" in copies, "package sources are not copied in"
     runs = " ".join(arg for i, arg in ins if i == "RUN")
-    assert re.search(r"pip install [^&]*/opt/segmerge", runs), "segmerge is not pip-installed from the copy"
+    assert re.search(r"pip install [^&]*/opt/segmerge", runs), (
+        "segmerge is not pip-installed from the copy"
+    )
     torch_pin = re.search(r"torch==\$\{TORCH_VERSION\}|torch==\d", runs)
     assert torch_pin, "torch must be installed pinned"
     for src in re.findall(r"COPY\s+([^\n]+)", DOCKERFILE.read_text()):

@@ -8,9 +8,11 @@ the command's dry run succeeds.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +24,10 @@ README = ROOT / "README.md"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
-def readme_commands() -> list[str]:
-    """Shell commands of the README's ```bash blocks, continuation lines joined."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+def _bash_commands(text: str) -> list[str]:
+    """Shell commands of the ```bash blocks of ``text``, continuation lines joined."""
     commands = []
-    for block in blocks:
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
             if line and not line.startswith("#"):
@@ -34,12 +35,28 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def readme_commands() -> list[str]:
+    return _bash_commands(README.read_text())
+
+
+def readme_sections() -> dict[str, list[str]]:
+    """Commands of each ``## heading`` of the README, in order."""
+    parts = re.split(r"^## ", README.read_text(), flags=re.M)[1:]
+    return {p.partition("\n")[0].strip(): _bash_commands(p) for p in parts}
+
+
 def readme_python() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def _tiny(argv: list[str], tmp: Path) -> list[str]:
-    """Shrink a README command to test size."""
+TINY_TRAIN = ["--steps-per-epoch", "2", "--patch-size", "32", "--batch-size", "1",
+              "--num_threads", "1", "--progress", "false", "--val_every", "1"]  # fmt: skip
+TINY_PHANTOMS = ["--dataset#phantoms#cases", "5", "--dataset#phantoms#size", "32",
+                 "--dataset#phantoms#workers", "1"]  # fmt: skip
+
+
+def _tiny(argv: list[str]) -> list[str]:
+    """A README command at test size: 5 phantoms of 32³, one epoch of two 32³ steps."""
     subs = {"--size": "32", "--cases": "5", "--epochs": "1", "--workers": "1"}
     out = []
     i = 0
@@ -50,16 +67,10 @@ def _tiny(argv: list[str], tmp: Path) -> list[str]:
             i += 2
             continue
         i += 1
-    model = str(tmp / "models" / "model.pt")
-    if argv[:3] == ["python", "-m", "segmerge"]:
-        cmd = argv[3]
-        if cmd == "train":
-            out += ["--steps-per-epoch", "2", "--patch-size", "32", "--batch-size", "1",
-                    "--num_threads", "1", "--progress", "false", "--val_every", "1"]  # fmt: skip
-        elif cmd == "predict" or (cmd == "evaluate" and "--subsets" in argv):
-            out += ["--model", model, "--set", "roi_size=[32,32,32]"]
-    elif argv[:3] == ["python", "-m", "monai.bundle"]:
-        out += ["--model_path", model, "--roi_size", "[32,32,32]"]
+    if "segmerge" in argv and "train" in argv:
+        out += TINY_TRAIN + ([] if "--data" in argv else TINY_PHANTOMS)
+    if out[0] == "torchrun":  # the one of this venv, as `source .venv/bin/activate` gives
+        out[0] = str(Path(sys.executable).with_name("torchrun"))
     return [sys.executable if a == "python" else a for a in out]
 
 
@@ -140,7 +151,7 @@ def test_a_bad_train_option_is_refused_with_a_suggestion():
 def test_compare_and_check_data_on_missing_data(tmp_path):
     compare = next(c for c in readme_commands() if " compare " in c)
     proc = _run(
-        _tiny(shlex.split(compare), tmp_path) + ["--dry-run", "--output", str(tmp_path / "study")],
+        _tiny(shlex.split(compare)) + ["--dry-run", "--output", str(tmp_path / "study")],
         ROOT,
         120,
     )
@@ -174,3 +185,107 @@ def test_python_example_runs():
     assert scope["g"].shape == (50,) and torch.isfinite(scope["g"]).all()
     assert scope["result"].update.shape == (50,)
     assert torch.isclose(scope["w"].sum(), torch.tensor(1.0))
+
+
+# -- the quick commands, run for real at test size ------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory):
+    """A working folder holding a copy of the bundle's configs, where the README's commands run as
+    shown from the repository root (relative paths, default model location)."""
+    work = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "configs", work / "configs")
+    return work
+
+
+def _run_section(heading: str, cwd: Path, only: str = "") -> list[str]:
+    commands = [c for c in readme_sections()[heading] if only in c]
+    assert commands, f"README section {heading!r} shows no command"
+    for command in commands:
+        proc = _run(_tiny(shlex.split(command)), cwd, 600)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return commands
+
+
+def _same(logged: str, shown: str) -> bool:
+    try:
+        return float(logged) == float(shown)
+    except ValueError:
+        return logged == shown
+
+
+def _cases(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def first_session(bundle_copy):
+    _run_section("A first session", bundle_copy)
+    return bundle_copy
+
+
+def test_a_first_session_runs_as_shown(first_session):
+    import nibabel as nib
+    import numpy as np
+
+    work = first_session
+    cases = _cases(work / "data" / "phantoms")
+    assert len(cases) == 5 and (work / "data" / "montage.png").stat().st_size > 0
+    assert (work / "models" / "model.pt").is_file() and (work / "runs" / "mlflow.db").is_file()
+    for case in cases:
+        pred = nib.load(work / "predictions" / f"{case.name}.nii.gz")
+        image = nib.load(case / f"{case.name}_flair.nii.gz")
+        assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
+        labels = np.asarray(pred.dataobj)
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 4}
+    metrics = json.loads((work / "predictions" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 5 and not metrics["missing_predictions"]
+    assert all(0.0 <= metrics["mean"][f"dice_{r}"] <= 1.0 for r in ("wt", "tc", "et"))
+
+
+def test_bundle_inference_and_evaluation_run_as_shown(first_session):
+    work = first_session
+    shutil.rmtree(work / "predictions")  # the bundle command writes them anew, predict replaces them
+    _run_section("Bundle inference", work)
+    for case in _cases(work / "data" / "phantoms"):
+        assert (work / "predictions" / f"{case.name}.nii.gz").is_file(), case.name
+        assert json.loads((work / "predictions" / f"{case.name}.json").read_text())
+    _run_section("Evaluation", work)
+    table = (work / "robustness" / "robustness.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 15, table  # header + every non-empty subset of the four sequences
+
+
+def test_aggregator_examples_run_and_take_their_options(first_session):
+    from mlflow.tracking import MlflowClient
+
+    work = first_session
+    commands = _run_section("Choosing and tuning an aggregator", work)
+    client = MlflowClient(f"sqlite:///{work / 'runs' / 'mlflow.db'}")
+    (experiment,) = client.search_experiments()
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    params = [r.data.params for r in runs[-len(commands) :]]
+    assert len(params) == len(commands)
+    for command, logged in zip(commands, params):
+        opts = dict(zip(shlex.split(command)[4::2], shlex.split(command)[5::2]))
+        assert logged["config/aggregator/name"] == opts["--aggregator"], command
+        for flag, value in opts.items():
+            key = flag[2:].replace("-", "_")
+            name = f"config/aggregator/{key}" if key != "refresh_every" else "config/refresh_every"
+            if flag != "--aggregator":
+                assert _same(logged[name], value), (command, name, logged.get(name))
+        assert logged["config/dataset/path"] == "null"  # the cached phantoms, built once
+
+
+def test_torchrun_on_cpu_runs_as_shown(first_session):
+    """The CUDA line needs GPUs and BraTS data (parsed above); the CPU line runs: two processes,
+    one MLflow run written by rank 0."""
+    from mlflow.tracking import MlflowClient
+
+    work = first_session
+    client = MlflowClient(f"sqlite:///{work / 'runs' / 'mlflow.db'}")
+    (experiment,) = client.search_experiments()
+    before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+    (command,) = _run_section("Multi-GPU with torchrun", work, only="--device cpu")
+    new = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_id not in before]
+    assert len(new) == 1, command
+    assert new[0].data.tags["segmerge.world_size"] == "2" and new[0].info.status == "FINISHED"

@@ -109,7 +109,17 @@ class StackModalitiesd(MapTransform):
         return d
 
 
-class CheckLabeld(MapTransform):
+class _LabelTransform(MapTransform):
+    """Base of the transforms that read a BraTS label map with a given enhancing-tumour label."""
+
+    def __init__(
+        self, keys: KeysCollection = LABEL, et_label: int = 4, allow_missing_keys: bool = True
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.et_label = check_et_label(et_label)
+
+
+class CheckLabeld(_LabelTransform):
     """Refuse label values outside ``{0, 1, 2, et_label}`` with the case's name.
 
     Written by hand: MONAI has no label-set check, and a silently accepted 3 in an ET = 4
@@ -120,12 +130,6 @@ class CheckLabeld(MapTransform):
         et_label: enhancing-tumour label value (4 or 3).
         allow_missing_keys: skip cases without a label (testing data).
     """
-
-    def __init__(
-        self, keys: KeysCollection = LABEL, et_label: int = 4, allow_missing_keys: bool = True
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.et_label = check_et_label(et_label)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -141,7 +145,7 @@ class CheckLabeld(MapTransform):
         return d
 
 
-class LabelToRegionsd(MapTransform):
+class LabelToRegionsd(_LabelTransform):
     """BraTS label map (1, H, W, D) -> float32 region channels (3, H, W, D) in ``REGIONS`` order.
 
     Uses :func:`segmerge.conventions.labels_to_regions` (MONAI's
@@ -152,12 +156,6 @@ class LabelToRegionsd(MapTransform):
         et_label: enhancing-tumour label value (4 or 3).
         allow_missing_keys: skip cases without a label.
     """
-
-    def __init__(
-        self, keys: KeysCollection = LABEL, et_label: int = 4, allow_missing_keys: bool = True
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.et_label = check_et_label(et_label)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
