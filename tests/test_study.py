@@ -259,3 +259,62 @@ def test_rerun_skips_finished_methods_and_reports_a_failing_one(tiny_study, tmp_
     assert not math.isnan(
         json.loads((out / "results.json").read_text())["methods"][0]["train_seconds"]
     )
+
+
+# ------------------------------------------------------------------ several seeds
+def _study_json(folder, seed: int, scores: dict[str, float], **meta) -> None:
+    methods = [
+        {"method": name, "status": "ok", "evaluation": EvaluationResult.from_rows(_rows(v)).to_dict()}
+        for name, v in scores.items()
+    ]
+    data = {"study_id": f"s{seed}", "command": f"compare --seed {seed}", "seed": seed,
+            "budget": "cpu", "data": "/d", "n_cases": 5, "machine": "m", "methods": methods}  # fmt: skip
+    data.update(meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data))
+
+
+def test_combine_gives_mean_range_ranks_and_the_seed_spread(tmp_path, capsys):
+    _study_json(tmp_path / "a", 0, {"sum": 0.50, "gmd": 0.52})
+    _study_json(tmp_path / "b", 1, {"sum": 0.40, "gmd": 0.38})
+    code = main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--output", str(tmp_path / "c")])
+    assert code == 0, capsys.readouterr().err
+    combined = json.loads((tmp_path / "c" / "combined.json").read_text())
+    gmd = combined["methods"]["gmd"]
+    assert gmd["dice_mean"]["mean"] == pytest.approx(0.45)
+    assert (gmd["dice_mean"]["min"], gmd["dice_mean"]["max"]) == pytest.approx((0.38, 0.52))
+    assert gmd["ranks"] == [1, 2] and combined["methods"]["sum"]["ranks"] == [2, 1]
+    assert combined["spread"]["between_methods"] == pytest.approx([0.02, 0.02])
+    assert combined["spread"]["between_seeds"]["gmd"] == pytest.approx(0.14)
+    text = (tmp_path / "c" / "combined.md").read_text()
+    assert "| gmd | 0.450 (0.380–0.520)" in text and "do not separate the aggregators" in text
+
+
+def test_combine_refuses_mismatched_or_unfinished_studies(tmp_path, capsys):
+    _study_json(tmp_path / "a", 0, {"sum": 0.5})
+    _study_json(tmp_path / "b", 1, {"sum": 0.5}, budget="tiny")
+    _study_json(tmp_path / "c", 0, {"sum": 0.5})
+    out = ["--output", str(tmp_path / "o")]
+    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'b'}", *out]) == 2
+    assert "budget 'tiny' differs" in capsys.readouterr().err
+    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'c'}", *out]) == 2
+    assert "repeat a seed" in capsys.readouterr().err
+    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'missing'}", *out]) == 2
+    assert "missing/results.json does not exist" in capsys.readouterr().err
+    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--seed", "3", *out]) == 2
+    assert "takes --output alone" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "combined.md").exists()
+
+
+def test_combine_reads_a_real_study_folder(tiny_study, tmp_path, capsys):
+    out, _, code = tiny_study
+    assert code == 0
+    other = tmp_path / "seed1"
+    data = json.loads((out / "results.json").read_text())
+    _study_json(other, 1, {m["method"]: 0.3 for m in data["methods"]},
+                budget=data["budget"], data=data["data"], n_cases=data["n_cases"])  # fmt: skip
+    assert main(["--combine", f"{out},{other}", "--output", str(tmp_path / "c")]) == 0
+    combined = json.loads((tmp_path / "c" / "combined.json").read_text())
+    real = EvaluationResult.from_dict(data["methods"][0]["evaluation"]).full.dice["mean"]
+    assert combined["seeds"] == [data["seed"], 1]
+    assert combined["methods"]["sum"]["dice_mean"]["values"] == pytest.approx([real, 0.3])

@@ -6,6 +6,7 @@ Examples::
     python -m segmerge compare --budget full --device cuda --data /data/BraTS2021
     python -m segmerge compare --methods sum,gmd --budget tiny --output /tmp/smoke
     python -m segmerge compare --budget cpu --lr 0.001      # extra options go to every training
+    python -m segmerge compare --combine runs/compare-cpu,runs/compare-cpu-seed1 --output runs/seeds
 
 Options not listed in ``--help`` are passed to every ``python -m segmerge train`` (after the
 budget's own settings, so they win); they are checked against the training configuration before
@@ -35,6 +36,8 @@ _OPTIONS = {
     "device": "cpu | cuda | cuda:N (default: the training config's, auto)",
     "overwrite": "retrain the requested methods even if they finished",
     "dry_run": "print the training command of every method and stop",
+    "combine": "DIR,DIR,...: tabulate finished studies of other seeds (mean, range, ranks) into "
+    "<output>/combined.md and combined.json; trains nothing (default output runs/compare-combined)",
 }
 
 
@@ -45,6 +48,7 @@ def usage() -> str:
         "                                  [--seed S] [--output DIR] [--tracking-uri URI]",
         "                                  [--experiment NAME] [--device DEV] [--overwrite]",
         "                                  [--dry-run] [--<train option> VALUE ...]",
+        "       python -m segmerge compare --combine DIR,DIR,... [--output DIR]",
         "",
         "options:",
     ]
@@ -117,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.get("help"):
         print(usage())
         return 0
+    if opts.get("combine"):
+        return _combine(opts, extra)
     from segmerge.study.budgets import default_methods, get_budget
     from segmerge.study.runner import Study, StudyError, StudySettings, method_train_command
 
@@ -172,4 +178,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _combine(opts: dict[str, object], extra: list[str]) -> int:
+    from segmerge.study.seeds import write_combined
+
+    folders = [f.strip() for f in str(opts["combine"]).split(",") if f.strip()]
+    unused = sorted(k for k in opts if k not in ("combine", "output")) + extra
+    try:
+        if unused:
+            raise ValueError(
+                f"--combine only reads finished studies; it takes --output alone, not {unused}"
+            )
+        md, _ = write_combined(folders, Path(str(opts.get("output", "runs/compare-combined"))))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"segmerge compare: error: {err}", file=sys.stderr)
+        return 2
+    print(md.read_text())
+    print(f"written: {md} and {md.with_suffix('.json')}")
     return 0
