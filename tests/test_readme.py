@@ -301,3 +301,32 @@ def test_torchrun_on_cpu_runs_as_shown(first_session):
     new = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_id not in before]
     assert len(new) == 1, command
     assert new[0].data.tags["segmerge.world_size"] == "2" and new[0].info.status == "FINISHED"
+
+
+def test_seed_studies_feed_the_combine_command(tmp_path, monkeypatch, capsys):
+    """The README's second-seed study writes where its --combine line reads; the combine line runs
+    on two finished studies there (stand-ins with real results.json structure: training them is
+    the 25-minute study)."""
+    from segmerge.inference import all_subsets
+    from segmerge.study.cli import main as compare_main
+    from segmerge.study.evaluation import EvaluationResult
+
+    compares = [shlex.split(c) for c in readme_sections()["Comparing aggregators"]]
+    runs, (combine,) = compares[:-1], compares[-1:]
+    outputs = [a[a.index("--output") + 1] if "--output" in a else "runs/compare-cpu" for a in runs]
+    assert [a[a.index("--seed") + 1] for a in runs] == ["0", "1"]
+    folders = combine[combine.index("--combine") + 1].split(",")
+    assert folders == outputs, "the --combine line does not read what the seed lines write"
+    monkeypatch.chdir(tmp_path)
+    for seed, folder in enumerate(folders):
+        rows = [{"subset": "+".join(s), "n_cases": 5, **{f"dice_{r}": 0.5 - 0.1 * seed + 0.01 * k
+                 for r in ("wt", "tc", "et")}, **{f"hd95_{r}": 9.0 for r in ("wt", "tc", "et")}}
+                for k, s in enumerate(all_subsets())]  # fmt: skip
+        evaluation = EvaluationResult.from_rows(rows).to_dict()
+        methods = [{"method": m, "status": "ok", "evaluation": evaluation} for m in ("sum", "gmd")]
+        Path(folder).mkdir(parents=True)
+        Path(folder, "results.json").write_text(json.dumps(
+            {"seed": seed, "budget": "cpu", "data": "/d", "n_cases": 5, "methods": methods}))  # fmt: skip
+    assert compare_main(combine[combine.index("compare") + 1 :]) == 0, capsys.readouterr().err
+    text = Path("runs/compare-combined/combined.md").read_text()
+    assert "| gmd | " in text and "seeds 0, 1" in text

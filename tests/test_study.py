@@ -318,3 +318,24 @@ def test_combine_reads_a_real_study_folder(tiny_study, tmp_path, capsys):
     real = EvaluationResult.from_dict(data["methods"][0]["evaluation"]).full.dice["mean"]
     assert combined["seeds"] == [data["seed"], 1]
     assert combined["methods"]["sum"]["dice_mean"]["values"] == pytest.approx([real, 0.3])
+
+
+def test_combine_accepts_each_studys_own_identical_phantoms_only(tmp_path, capsys):
+    """Each study generates its phantoms in its own folder: those combine when the validation
+    cases are byte-identical, and are refused when they are not."""
+
+    def study(name: str, seed: int, content: bytes) -> Path:
+        folder = tmp_path / name
+        case = folder / "data" / "phantoms" / "c1"
+        case.mkdir(parents=True)
+        (case / "c1_seg.nii.gz").write_bytes(content)
+        entry = {"case_id": "c1", "label": str(case / "c1_seg.nii.gz")}
+        (folder / "validation.json").write_text(json.dumps({"validation": [entry]}))
+        _study_json(folder, seed, {"sum": 0.5}, data=str(folder / "data" / "phantoms"))
+        return folder
+
+    a, b, c = study("a", 0, b"same"), study("b", 1, b"same"), study("c", 2, b"other")
+    out = ["--output", str(tmp_path / "o")]
+    assert main(["--combine", f"{a},{b}", *out]) == 0, capsys.readouterr().err
+    assert main(["--combine", f"{a},{c}", *out]) == 2
+    assert "identical validation cases" in capsys.readouterr().err

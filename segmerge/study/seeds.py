@@ -10,6 +10,7 @@ a difference between aggregators smaller than what the seed alone moves is not e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -25,8 +26,8 @@ from segmerge.study.report import _f, _table
 
 __all__ = ["load_study_results", "combine_studies", "combined_markdown", "write_combined"]
 
-_SAME = ("budget", "data", "n_cases")
-"""What must agree between the studies combined (else their numbers are not comparable)."""
+_SAME = ("budget", "n_cases")
+"""What must agree between the studies combined, with the data (see :func:`_same_data`)."""
 
 
 def load_study_results(folder: str | Path) -> dict[str, Any]:
@@ -45,11 +46,44 @@ def load_study_results(folder: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    missing = [k for k in ("seed", "methods", *_SAME) if k not in data]
+    missing = [k for k in ("seed", "methods", "data", *_SAME) if k not in data]
     if missing:
         raise ValueError(f"{path}: not a study's results.json (missing {', '.join(missing)})")
     data["folder"] = str(folder)
     return data
+
+
+def _generated(study: Mapping[str, Any]) -> bool:
+    """Whether the study trained on the phantoms it generated itself (``<output>/data/phantoms``)."""
+    own = Path(study["folder"]) / "data" / "phantoms"
+    return Path(study["data"]).resolve() == own.resolve()
+
+
+def _validation_digest(study: Mapping[str, Any]) -> str | None:
+    """SHA-256 over the bytes of every file of the validation cases, in case order."""
+    path = Path(study["folder"]) / "validation.json"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    for case in sorted(json.loads(path.read_text())["validation"], key=lambda c: c["case_id"]):
+        digest.update(case["case_id"].encode())
+        for key in sorted(k for k in case if k != "case_id"):
+            file = Path(case[key])
+            if not file.is_file():
+                return None
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _same_data(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Same dataset path, or each study's own phantoms of the same budget with byte-identical
+    validation cases (each study folder generates its own copy)."""
+    if a["data"] == b["data"]:
+        return True
+    if not (_generated(a) and _generated(b)):
+        return False
+    digest = _validation_digest(a)
+    return digest is not None and digest == _validation_digest(b)
 
 
 def _scores(method: Mapping[str, Any]) -> dict[str, float] | None:
@@ -86,6 +120,12 @@ def combine_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     f"{study['folder']}: {key} {study[key]!r} differs from {first['folder']}'s "
                     f"{first[key]!r}; only studies of the same budget and data combine"
                 )
+        if not _same_data(study, first):
+            raise ValueError(
+                f"{study['folder']}: data {study['data']!r} is not {first['folder']}'s "
+                f"{first['data']!r} (nor the same generated phantoms with identical validation "
+                "cases); only studies of the same budget and data combine"
+            )
     seeds = [int(s["seed"]) for s in studies]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the studies repeat a seed ({seeds}); combine one study per seed")
