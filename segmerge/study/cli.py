@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m segmerge compare --budget cpu --output runs/compare-cpu          # ~30 min, 2 cores
+    python -m segmerge compare --budget cpu --output runs/compare-cpu          # ~25 min, 2 cores
     python -m segmerge compare --budget full --device cuda --data /data/BraTS2021
     python -m segmerge compare --methods sum,gmd --budget tiny --output /tmp/smoke
     python -m segmerge compare --budget cpu --lr 0.001      # extra options go to every training
