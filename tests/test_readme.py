@@ -1,7 +1,7 @@
 """Every command the README shows is exercised here.
 
 The quick ones run for real, in a temporary folder, with tiny settings substituted (32³ phantoms,
-one short epoch); the long ones (your own data, GPUs, the 30-minute study) are checked as far as
+one short epoch); the long ones (your own data, GPUs, the 25-minute study) are checked as far as
 they can be without their data or hardware: the options parse against the real configuration, or
 the command's dry run succeeds.
 """
