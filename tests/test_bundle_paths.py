@@ -70,6 +70,8 @@ def test_a_regular_install_needs_and_uses_segmerge_configs(tmp_path):
     train_help = run("train", "--help", **pointed)
     assert train_help.returncode == 0, train_help.stderr
     assert "gradcraft" in train_help.stdout and "--aggregator" in train_help.stdout
-    predict = run("predict", "--input", str(missing), "--output", str(work / "pred"), **pointed)
+    weights = tmp_path / "none.pt"  # the config is read first, then the weights it names
+    predict = run("predict", "--input", str(missing), "--output", str(work / "pred"),
+                  "--model", str(weights), **pointed)  # fmt: skip
     assert predict.returncode != 0
-    assert "no-cases" in predict.stderr and "inference.json" not in predict.stderr, predict.stderr
+    assert "none.pt" in predict.stderr and "inference.json" not in predict.stderr, predict.stderr
