@@ -8,18 +8,14 @@ from segmerge.inference import load_bundle_config
 from segmerge.inference.cli import predict_main
 
 
-def test_missing_model_names_the_file_and_the_fix(tmp_path, capsys):
-    status = predict_main(
-        [
-            "--input",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "o"),
-            "--model",
-            str(tmp_path / "m.pt"),
-        ]
+def _predict(tmp_path, model: str) -> int:
+    return predict_main(
+        ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", str(tmp_path / model)]
     )
-    assert status == 2
+
+
+def test_missing_model_names_the_file_and_the_fix(tmp_path, capsys):
+    assert _predict(tmp_path, "m.pt") == 2
     err = capsys.readouterr().err
     assert "m.pt not found" in err and "segmerge train" in err
 
@@ -43,15 +39,5 @@ def test_missing_input_and_bad_override(tmp_path, capsys):
 
 def test_weights_of_another_network_are_refused(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
-    status = predict_main(
-        [
-            "--input",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "o"),
-            "--model",
-            str(tmp_path / "other.pt"),
-        ]
-    )
-    assert status == 2
+    assert _predict(tmp_path, "other.pt") == 2
     assert "weights do not fit the network" in capsys.readouterr().err

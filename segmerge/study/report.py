@@ -77,13 +77,15 @@ class MethodSummary:
     histories: dict[str, History] = field(default_factory=dict)
 
 
-def _f(value: float, digits: int = 3) -> str:
+def fmt(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or an en dash when it is missing or not finite."""
     return (
         f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1) -> list[str]:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1) -> list[str]:
+    """Lines of a markdown table; columns from ``right_from`` on are right-aligned (numbers)."""
     align = ["---" if i < right_from else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -125,11 +127,11 @@ def results_markdown(
     rows = []
     for s in ok:
         full = s.evaluation.full  # type: ignore[union-attr]
-        row = [s.method] + [_f(full.dice[r]) for r in (*REGIONS, "mean")]
-        row += [_f(full.hd95[r], 2) for r in (*REGIONS, "mean")]
-        row += [_f(s.steps_per_second, 2), _f(s.train_seconds, 0)]
+        row = [s.method] + [fmt(full.dice[r]) for r in (*REGIONS, "mean")]
+        row += [fmt(full.hd95[r], 2) for r in (*REGIONS, "mean")]
+        row += [fmt(s.steps_per_second, 2), fmt(s.train_seconds, 0)]
         rows.append(row)
-    lines += _table(header, rows) if rows else ["(no method finished)"]
+    lines += md_table(header, rows) if rows else ["(no method finished)"]
     lines += ["", "## Robustness to missing sequences (mean Dice over WT, TC, ET)", ""]
     header = [
         "method",
@@ -147,14 +149,14 @@ def results_markdown(
         rows.append(
             [
                 s.method,
-                _f(rob["dice_mean_over_subsets"]),
+                fmt(rob["dice_mean_over_subsets"]),
                 rob["worst_subset"] or "–",
-                _f(rob["worst_dice"]),
-                _f(t1ce.dice["mean"]) if t1ce else "–",
-                _f(ev.full.dice["mean"]),
+                fmt(rob["worst_dice"]),
+                fmt(t1ce.dice["mean"]) if t1ce else "–",
+                fmt(ev.full.dice["mean"]),
             ]
         )
-    lines += _table(header, rows) if rows else ["(no method finished)"]
+    lines += md_table(header, rows) if rows else ["(no method finished)"]
     if ok:
         subsets = list(ok[0].evaluation.subsets)  # type: ignore[union-attr]
         lines += ["", "### Mean Dice per subset", ""]
@@ -164,9 +166,9 @@ def results_markdown(
             cells = [name]
             for s in ok:
                 sub = s.evaluation.subsets.get(name)  # type: ignore[union-attr]
-                cells.append(_f(sub.dice["mean"]) if sub else "–")
+                cells.append(fmt(sub.dice["mean"]) if sub else "–")
             rows.append(cells)
-        lines += _table(header, rows)
+        lines += md_table(header, rows)
     lines += ["", "## Gradient conflicts and OGR over training", ""]
     header = ["method", "conflicting pairs (mean)", "conflicting pairs (last)", "OGR heads (last)"]
     rows = []
@@ -175,16 +177,16 @@ def results_markdown(
         ogr = {
             k[4:]: h[-1][1] for k, h in sorted(s.histories.items()) if k.startswith("ogr/") and h
         }
-        ogr_text = ", ".join(f"{k} {_f(v, 2)}" for k, v in ogr.items()) or "–"
+        ogr_text = ", ".join(f"{k} {fmt(v, 2)}" for k, v in ogr.items()) or "–"
         rows.append(
             [
                 s.method,
-                _f(float(np.mean(conf)), 2) if conf else "–",
-                _f(conf[-1], 2) if conf else "–",
+                fmt(float(np.mean(conf)), 2) if conf else "–",
+                fmt(conf[-1], 2) if conf else "–",
                 ogr_text,
             ]
         )
-    lines += _table(header, rows, right_from=1)
+    lines += md_table(header, rows, right_from=1)
     failed = [s for s in summaries if s.status != "ok"]
     if failed:
         lines += ["", "## Failures", ""]

@@ -22,7 +22,7 @@ import numpy as np
 from segmerge.atomic import write_text_atomic
 from segmerge.conventions import REGIONS
 from segmerge.study.evaluation import EvaluationResult
-from segmerge.study.report import _f, _table
+from segmerge.study.report import fmt, md_table
 
 __all__ = ["load_study_results", "combine_studies", "combined_markdown", "write_combined"]
 
@@ -176,7 +176,7 @@ def combine_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _mean_range(stat: Mapping[str, Any]) -> str:
-    return f"{_f(stat['mean'])} ({_f(stat['min'])}–{_f(stat['max'])})"
+    return f"{fmt(stat['mean'])} ({fmt(stat['min'])}–{fmt(stat['max'])})"
 
 
 def combined_markdown(combined: Mapping[str, Any]) -> str:
@@ -198,10 +198,10 @@ def combined_markdown(combined: Mapping[str, Any]) -> str:
     for name, entry in combined["methods"].items():
         row = [name] + [_mean_range(entry[f"dice_{r}"]) for r in (*REGIONS, "mean")]
         row.append(_mean_range(entry["subsets"]))
-        row += [_f(v) for v in entry["dice_mean"]["values"]]
+        row += [fmt(v) for v in entry["dice_mean"]["values"]]
         row.append(", ".join("–" if r is None else str(r) for r in entry["ranks"]))
         rows.append(row)
-    lines += _table(header, rows)
+    lines += md_table(header, rows)
     spread = combined["spread"]
     worst_method = max(spread["between_methods"], default=float("nan"))
     finite_seeds = [v for v in spread["between_seeds"].values() if math.isfinite(v)]
@@ -209,9 +209,9 @@ def combined_markdown(combined: Mapping[str, Any]) -> str:
     lines += [
         "",
         "Largest difference in mean Dice between two methods trained with the same seed: "
-        + ", ".join(f"seed {s}: {_f(v)}" for s, v in zip(seeds, spread["between_methods"]))
-        + f"; between two seeds of the same method: up to {_f(worst_seed)} ("
-        + ", ".join(f"{n} {_f(v)}" for n, v in spread["between_seeds"].items())
+        + ", ".join(f"seed {s}: {fmt(v)}" for s, v in zip(seeds, spread["between_methods"]))
+        + f"; between two seeds of the same method: up to {fmt(worst_seed)} ("
+        + ", ".join(f"{n} {fmt(v)}" for n, v in spread["between_seeds"].items())
         + ").",
     ]
     if math.isfinite(worst_method) and math.isfinite(worst_seed) and worst_method <= worst_seed:
