@@ -26,7 +26,6 @@ from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
 from segmerge.nets._common import (
-    check_features,
     check_input,
     describe,
     init_contract,
@@ -197,9 +196,6 @@ class MultiModalDSNet(nn.Module):
         act: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
     ) -> None:
         super().__init__()
-        depth = len(check_features(features)) - 1
-        if not 0 <= int(aux_level) <= depth:
-            raise ValueError(f"aux_level must be between 0 and {depth}, got {aux_level!r}")
         if fusion not in FUSIONS:
             raise ValueError(
                 f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
@@ -211,6 +207,9 @@ class MultiModalDSNet(nn.Module):
             fusion=fusion, aux_level=int(aux_level), stem=stem,
         )  # fmt: skip
         mods, feats = self.modalities, self.features
+        depth = len(feats) - 1
+        if not 0 <= int(aux_level) <= depth:
+            raise ValueError(f"aux_level must be between 0 and {depth}, got {aux_level!r}")
         drop = float(dropout) if dropout else None
         self.fusion = fusion
         self.aux_level = int(aux_level)

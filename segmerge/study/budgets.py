@@ -54,9 +54,9 @@ class Budget:
 def _config_dir(config_dir: str | Path | None) -> Path:
     if config_dir is not None:
         return Path(config_dir)
-    from segmerge.engine.config import default_config_dir
+    from segmerge.bundle_paths import config_dir as find
 
-    return default_config_dir()
+    return find("compare.json")  # the file read here, looked up like every other config
 
 
 def load_study_config(config_dir: str | Path | None = None) -> dict[str, Any]:
