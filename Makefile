@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[test,data]"
+	$(BIN)/python -m pip install -e ".[test,data,export,oracle]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,7 +26,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check segmerge tests scripts
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install -e ".[bench]"
 	$(BIN)/python scripts/bench_aggregation.py
 
 clean:
