@@ -471,7 +471,13 @@ class Trainer:
                 run_name=self.parser.get_parsed_content("run_name"),
                 run_id=self.run_id,
                 enabled=enabled,
-                tags={"segmerge.command": "train", "segmerge.world_size": str(self.world)},
+                # $SEGMERGE_RUN_TAGS (a JSON object) adds tags to a new run: compare passes
+                # mlflow.parentRunId and its study tags so each training nests under the study
+                tags={
+                    **run_tags_from_env(),
+                    "segmerge.command": "train",
+                    "segmerge.world_size": str(self.world),
+                },
             )
         except Exception as err:
             raise ConfigError(f"MLflow store {self.tracking_uri}: {_root_message(err)}") from err
@@ -913,6 +919,21 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def run_tags_from_env() -> dict[str, str]:
+    """Tags of a new MLflow run from ``$SEGMERGE_RUN_TAGS`` (a JSON object of strings; unset or
+    empty: none). Raises ``ConfigError`` naming the variable when it is not such an object."""
+    text = os.environ.get("SEGMERGE_RUN_TAGS", "").strip()
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"$SEGMERGE_RUN_TAGS is not JSON: {err}") from err
+    if not isinstance(tags, dict):
+        raise ConfigError(f"$SEGMERGE_RUN_TAGS must be a JSON object, got {text[:80]!r}")
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def _root_message(err: BaseException) -> str:
