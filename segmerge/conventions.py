@@ -33,9 +33,26 @@ def check_et_label(et_label: int) -> int:
     return int(et_label)
 
 
-def label_set(et_label: int = 4) -> tuple[int, ...]:
-    """Allowed voxel values of a label map."""
-    return (0, NCR, ED, check_et_label(et_label))
+RC = 4
+"""BraTS 2024+ adult glioma: resection cavity (with ET = 3); part of no region (WT/TC/ET)."""
+
+
+def label_set(et_label: int = 4, resection_cavity: bool = False) -> tuple[int, ...]:
+    """Allowed voxel values of a label map.
+
+    Args:
+        et_label: enhancing-tumour label (4 for BraTS <= 2022, 3 for 2023+).
+        resection_cavity: BraTS 2024+ adult glioma scheme: label :data:`RC` (4) marks the resection
+            cavity; needs ``et_label`` 3. :func:`labels_to_regions` leaves it out of every region.
+    """
+    et_label = check_et_label(et_label)
+    if not resection_cavity:
+        return (0, NCR, ED, et_label)
+    if et_label != 3:
+        raise ValueError(
+            f"the resection-cavity label {RC} (BraTS 2024+) needs et_label 3, got {et_label}"
+        )
+    return (0, NCR, ED, et_label, RC)
 
 
 def labels_to_regions(label: np.ndarray | torch.Tensor, et_label: int = 4):
