@@ -10,6 +10,10 @@ Functional API (a fresh aggregator per call)::
     from segmerge.aggregation import aggregate
     g = aggregate("gmd", J, shared=mask)
 
+Every aggregator is an :class:`Aggregator` (the typed contract the training step uses:
+``coefficients(G)`` for the K-space step, ``merge_``/``merge_scale`` for the one masked merge);
+aggregators that learn from validations are also :class:`ObservesValidation`.
+
 Stateful API (what the training step uses)::
 
     agg = build_aggregator("gradcraft", r=0.5, e=0.0, b=0.9)
@@ -19,6 +23,8 @@ Stateful API (what the training step uses)::
 
 from ._blending import (
     Blending,
+    GradientBlending,
+    IntervalBlending,
     OGRTracker,
     blending_gradient_products,
     gradient_blending_weights,
@@ -30,6 +36,7 @@ from ._core import (
     AggregationResult,
     Aggregator,
     Coefficients,
+    ObservesValidation,
     blocked_products,
     combine,
     gramian,
@@ -39,9 +46,31 @@ from ._gmd import GMD, gmd_coefficients
 from ._gradcraft import GradCraft, gradcraft_coefficients, magnitude_scales
 from ._mean import Mean, mean_coefficients
 from ._pcgrad import PCGrad, pcgrad_coefficients
-from ._projection import projection_coefficients
-from ._registry import AGGREGATORS, aggregate, build_aggregator
+from ._projection import projection_coefficients, seeded_permutation
+from ._registry import (
+    AGGREGATORS,
+    aggregate,
+    aggregator_config,
+    aggregator_usage,
+    build_aggregator,
+    check_method,
+    hyperparameters,
+    register_aggregator,
+)
 from ._sum import Sum, sum_coefficients
+from ._torchjd import (
+    IMTLG,
+    MGDA,
+    PCD,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    FairGrad,
+    GradVac,
+    NashMTL,
+    TorchJDAggregator,
+    UPGrad,
+)
 
 __all__ = [
     "AGGREGATORS",
@@ -52,25 +81,46 @@ __all__ = [
     "Coefficients",
     "GMD",
     "GradCraft",
+    "GradientBlending",
+    "IntervalBlending",
     "Mean",
+    "ObservesValidation",
     "OGRTracker",
     "PCGrad",
     "Sum",
+    # torchjd's weightings, bridged (_torchjd.py)
+    "AlignedMTL",
+    "CAGrad",
+    "DualProj",
+    "FairGrad",
+    "GradVac",
+    "IMTLG",
+    "MGDA",
+    "NashMTL",
+    "PCD",
+    "TorchJDAggregator",
+    "UPGrad",
     "aggregate",
+    "aggregator_config",
+    "aggregator_usage",
     "blending_gradient_products",
     "blocked_products",
     "build_aggregator",
+    "check_method",
     "combine",
     "gmd_coefficients",
     "gradcraft_coefficients",
     "gradient_blending_weights",
     "gramian",
     "head_of",
+    "hyperparameters",
     "interval_blending_weights",
     "magnitude_scales",
     "mean_coefficients",
     "merge_scale",
     "pcgrad_coefficients",
     "projection_coefficients",
+    "register_aggregator",
+    "seeded_permutation",
     "sum_coefficients",
 ]

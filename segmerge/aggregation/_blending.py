@@ -17,6 +17,7 @@ Two estimators:
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import Aggregator, check_choice, check_range, state_keys
+from ._core import Aggregator, ObservesValidation, check_choice, check_range, state_keys
 
 __all__ = [
     "Blending",
+    "GradientBlending",
+    "IntervalBlending",
     "OGRTracker",
     "blending_gradient_products",
     "gradient_blending_weights",
@@ -216,33 +219,74 @@ class OGRTracker:
         self.history = [dict(h) for h in state["history"]]
 
 
-class Blending(Aggregator):
+class Blending(abc.ABC):  # noqa: B024 - an ABC only for register(): isinstance of either class
     """Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020): ``update = Σ_k w_k g_k``.
 
-    *interval* estimator: one weight per head, estimated from validations (call
-    :meth:`observe_validation` with per-head train and validation losses), between the anchor
-    observation N and N+n with n = ``super_epoch``:
-    ``w_h ∝ max(ΔG_h, 0) / max(ΔO_h², eps)``. The first ``warmup`` observations keep uniform
-    weights; when every ΔG ≤ 0 the previous weights are kept. In a step, a head's weight is
-    split equally among its rows present (``fused.d0``, ``fused.d1``… share ``fused``) and the
-    row weights are renormalised to sum 1 over the present rows (a head never estimated gets the
-    uniform share).
-
-    *gradient* estimator: per objective row k, with ``reference`` = ∇L* (the fused objective on a
-    validation batch) and ∇L^T = the sum of the ``fused.*`` rows (all rows when unnamed):
-    ``σ_k² ←`` running mean of ``⟨∇L^T − ∇L*, g_k⟩²`` (per name), ``w_k ∝ ⟨∇L*, g_k⟩ / σ_k²``,
-    negative weights clipped to 0, normalised to 1 (uniform if all are 0). Every inner product
-    comes from the Gramian of ``[J; ∇L*]``.
+    The registered method ``blending``: calling ``Blending(estimator=...)`` builds the class of
+    the chosen estimator, :class:`IntervalBlending` (default) or :class:`GradientBlending`; both
+    are (virtual) subclasses, so ``isinstance(agg, Blending)`` holds for either.
 
     Args:
         estimator: ``"interval"`` (default) or ``"gradient"``.
-        warmup: number of validations with uniform weights before the first estimate (interval
-            estimator; default 0).
-        super_epoch: recompute the weights every this many validations (interval; default 1).
-        eps: floor of ΔO² in the interval estimator (default 1e-8).
+        warmup: interval estimator: validations with uniform weights (default 0).
+        super_epoch: interval estimator: validations between estimates (default 1).
+        eps: interval estimator: floor of ΔO² (default 1e-8).
+
+    Raises:
+        ValueError: unknown estimator, or an interval-only option changed for the gradient one.
 
     Example:
-        >>> agg = Blending()
+        >>> type(Blending()).__name__, Blending()  # repr() writes the registered call
+        ('IntervalBlending', Blending(estimator='interval', warmup=0, super_epoch=1, eps=1e-08))
+        >>> type(Blending(estimator="gradient")).__name__
+        'GradientBlending'
+    """
+
+    def __new__(  # type: ignore[misc]
+        cls,
+        estimator: str = "interval",
+        warmup: int = 0,
+        super_epoch: int = 1,
+        eps: float = 1e-8,
+    ) -> IntervalBlending | GradientBlending:
+        check_choice("Blending", "estimator", estimator, ("interval", "gradient"))
+        if estimator == "interval":
+            return IntervalBlending(warmup=warmup, super_epoch=super_epoch, eps=eps)
+        changed = [
+            f"{k}={v!r}"
+            for k, v, default in (("warmup", warmup, 0), ("super_epoch", super_epoch, 1), ("eps", eps, 1e-8))
+            if v != default
+        ]
+        if changed:
+            raise ValueError(
+                f"Blending: {', '.join(changed)} only apply to estimator='interval', "
+                "got estimator='gradient'"
+            )
+        return GradientBlending()
+
+
+def _diag(w: Tensor, K: int, G: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.diag(w), torch.zeros(K, K, dtype=G.dtype, device=G.device)
+
+
+class IntervalBlending(Aggregator, ObservesValidation):
+    """Gradient-Blending, interval estimator: per-head weights from validations.
+
+    One weight per head, estimated from validations (call :meth:`observe_validation` with
+    per-head train and validation losses), between the anchor observation N and N+n with n =
+    ``super_epoch``: ``w_h ∝ max(ΔG_h, 0) / max(ΔO_h², eps)``. The first ``warmup``
+    observations keep uniform weights; when every ΔG ≤ 0 the previous weights are kept. In a
+    step, a head's weight is split equally among its rows present (``fused.d0``, ``fused.d1``…
+    share ``fused``) and the row weights are renormalised to sum 1 over the present rows (a head
+    never estimated gets the uniform share). Registered as ``blending`` (the default estimator).
+
+    Args:
+        warmup: number of validations with uniform weights before the first estimate (default 0).
+        super_epoch: recompute the weights every this many validations (default 1).
+        eps: floor of ΔO² (default 1e-8).
+
+    Example:
+        >>> agg = IntervalBlending()
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
         >>> names = ["fused.d0", "fused.d1", "modality.t1"]
         >>> agg(J, names=names).weights  # uniform per head before any estimate
@@ -254,35 +298,25 @@ class Blending(Aggregator):
         {'fused': 0.8889, 't1': 0.1111}
         >>> agg(J, names=names).weights
         tensor([0.4444, 0.4444, 0.1111])
-        >>> Blending(estimator="gradient")
-        Blending(estimator='gradient', warmup=0, super_epoch=1, eps=1e-08)
     """
 
-    def __init__(
-        self,
-        estimator: str = "interval",
-        warmup: int = 0,
-        super_epoch: int = 1,
-        eps: float = 1e-8,
-    ) -> None:
+    def __init__(self, warmup: int = 0, super_epoch: int = 1, eps: float = 1e-8) -> None:
         super().__init__()
-        check_choice("Blending", "estimator", estimator, ("interval", "gradient"))
-        self.estimator = estimator
         self.warmup = int(check_range("Blending", "warmup", warmup, 0, None, hi_open=False))
         self.super_epoch = int(check_range("Blending", "super_epoch", super_epoch, 1, None, False))
         self.eps = check_range("Blending", "eps", eps, 0.0, None, hi_open=False)
-        self.needs_reference = estimator == "gradient"
         self.reset()
+
+    _repr_name = "Blending"
 
     def _config(self) -> dict[str, Any]:
         return {
-            "estimator": self.estimator,
+            "estimator": "interval",
             "warmup": self.warmup,
             "super_epoch": self.super_epoch,
             "eps": self.eps,
         }
 
-    # -- interval estimator -------------------------------------------------------------------
     @property
     def head_weights(self) -> dict[str, float]:
         """Current weight per head ({} while uniform)."""
@@ -330,39 +364,16 @@ class Blending(Aggregator):
             self._row_cache[cache_key] = torch.tensor(rows, dtype=G.dtype, device=G.device)
         return self._row_cache[cache_key]
 
-    # -- K-space ------------------------------------------------------------------------------
     def _coefficients(self, G: Tensor, names: Sequence[str] | None, nonfinite: Tensor):
-        if self.estimator == "interval":
-            K = G.shape[0]
-            w = self._row_weights(state_keys(names, K), G)
-        else:
-            K = G.shape[0] - 1
-            keys = state_keys(names, K)
-            fused = [k.startswith(FUSED_PREFIX) for k in keys] if names is not None else [True] * K
-            if not any(fused):
-                raise ValueError(
-                    f"Blending(estimator='gradient'): no 'fused.*' row among {keys} to form ∇L^T"
-                )
-            val, gap = blending_gradient_products(G, torch.tensor(fused, device=G.device))
-            zero = torch.zeros((), dtype=G.dtype, device=G.device)
-            s_old = torch.stack([self._sigma2.get(k, zero).to(G) for k in keys])
-            n_old = torch.stack([self._count.get(k, zero).to(G) for k in keys])
-            n = n_old + (~nonfinite).to(G.dtype)
-            s = torch.where(nonfinite, s_old, s_old + (gap * gap - s_old) / n.clamp_min(1))
-            for k, sk, nk in zip(keys, s.unbind(0), n.unbind(0)):
-                self._sigma2[k], self._count[k] = sk, nk
-            w = gradient_blending_weights(val, s)
-        return torch.diag(w), torch.zeros(K, K, dtype=G.dtype, device=G.device)
+        K = G.shape[0]
+        return _diag(self._row_weights(state_keys(names, K), G), K, G)
 
-    # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         self._head_weights: dict[str, float] = {}
         self._anchor: tuple[dict[str, float], dict[str, float]] | None = None
         self._anchor_obs = 0
         self._n_obs = 0
         self.ogr_history: list[dict[str, float]] = []
-        self._sigma2: dict[str, Tensor] = {}
-        self._count: dict[str, Tensor] = {}
         self._row_cache: dict[tuple, Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -374,8 +385,6 @@ class Blending(Aggregator):
             "anchor_obs": self._anchor_obs,
             "n_obs": self._n_obs,
             "ogr_history": [dict(h) for h in self.ogr_history],
-            "sigma2": {k: v.detach().clone() for k, v in self._sigma2.items()},
-            "count": {k: v.detach().clone() for k, v in self._count.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -387,5 +396,67 @@ class Blending(Aggregator):
         self._anchor_obs = int(state["anchor_obs"])
         self._n_obs = int(state["n_obs"])
         self.ogr_history = [dict(h) for h in state["ogr_history"]]
+
+
+class GradientBlending(Aggregator):
+    """Gradient-Blending, gradient estimator: per-row weights from a validation gradient.
+
+    Per objective row k, with ``reference`` = ∇L* (the fused objective on a validation batch)
+    and ∇L^T = the sum of the ``fused.*`` rows (all rows when unnamed):
+    ``σ_k² ←`` running mean of ``⟨∇L^T − ∇L*, g_k⟩²`` (per name), ``w_k ∝ ⟨∇L*, g_k⟩ / σ_k²``,
+    negative weights clipped to 0, normalised to 1 (uniform if all are 0). Every inner product
+    comes from the Gramian of ``[J; ∇L*]``. Built by ``Blending(estimator="gradient")`` (the
+    registered method ``blending``).
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> GradientBlending()(J, names=["fused.d0", "modality.t1"], reference=torch.ones(2)).weights
+        tensor([0.3333, 0.6667])
+    """
+
+    needs_reference = True
+    _repr_name = "Blending"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def _config(self) -> dict[str, Any]:
+        return {"estimator": "gradient"}
+
+    def _coefficients(self, G: Tensor, names: Sequence[str] | None, nonfinite: Tensor):
+        K = G.shape[0] - 1
+        keys = state_keys(names, K)
+        fused = [k.startswith(FUSED_PREFIX) for k in keys] if names is not None else [True] * K
+        if not any(fused):
+            raise ValueError(
+                f"Blending(estimator='gradient'): no 'fused.*' row among {keys} to form ∇L^T"
+            )
+        val, gap = blending_gradient_products(G, torch.tensor(fused, device=G.device))
+        zero = torch.zeros((), dtype=G.dtype, device=G.device)
+        s_old = torch.stack([self._sigma2.get(k, zero).to(G) for k in keys])
+        n_old = torch.stack([self._count.get(k, zero).to(G) for k in keys])
+        n = n_old + (~nonfinite).to(G.dtype)
+        s = torch.where(nonfinite, s_old, s_old + (gap * gap - s_old) / n.clamp_min(1))
+        for k, sk, nk in zip(keys, s.unbind(0), n.unbind(0)):
+            self._sigma2[k], self._count[k] = sk, nk
+        return _diag(gradient_blending_weights(val, s), K, G)
+
+    def reset(self) -> None:
+        self._sigma2: dict[str, Tensor] = {}
+        self._count: dict[str, Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sigma2": {k: v.detach().clone() for k, v in self._sigma2.items()},
+            "count": {k: v.detach().clone() for k, v in self._count.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
         self._sigma2 = {str(k): torch.as_tensor(v).clone() for k, v in state["sigma2"].items()}
         self._count = {str(k): torch.as_tensor(v).clone() for k, v in state["count"].items()}
+
+
+Blending.register(IntervalBlending)
+Blending.register(GradientBlending)

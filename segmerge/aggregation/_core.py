@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ __all__ = [
     "AggregationResult",
     "Aggregator",
     "Coefficients",
+    "ObservesValidation",
     "blocked_products",
     "combine",
     "gramian",
@@ -313,14 +315,24 @@ def state_keys(names: Sequence[str] | None, K: int) -> list[str]:
     return list(names) if names is not None else [str(i) for i in range(K)]
 
 
-class Aggregator:
-    """Base class: Gramian -> coefficient matrix C -> one combination.
+class Aggregator(ABC):
+    """The typed contract of every aggregator: Gramian -> coefficient matrix C -> one combination.
 
-    Subclasses implement ``_coefficients(G, names, nonfinite) -> (C, alpha)`` on a finite
-    K×K Gramian (the base class replaces a non-finite Gramian by zeros, zeroes C and alpha and
-    reports ``nonfinite``; stateful subclasses must leave their state unchanged when
-    ``nonfinite`` is True, using ``torch.where``). Configuration is returned by ``_config()``
-    and reproduced by ``repr()``.
+    The training step (``segmerge.step``) relies on exactly this interface:
+
+    - :meth:`coefficients` (``G`` -> :class:`Coefficients`), the K-space hook: subclasses
+      implement ``_coefficients(G, names, nonfinite) -> (C, alpha)`` on a finite Gramian (the
+      base class replaces a non-finite Gramian by zeros, zeroes C and alpha and reports
+      ``nonfinite``; stateful subclasses must leave their state unchanged when ``nonfinite`` is
+      True, using ``torch.where``);
+    - :meth:`merge_scale` / :meth:`merge_` — the one masked-merge implementation, also applied
+      by the step to an update it combined itself (one backward of ``Σ c_k L_k``);
+    - :meth:`__call__` — the whole aggregation of a materialised ``J``;
+    - ``masked_merge`` and ``needs_reference`` (class attributes, part of the type);
+    - ``reset`` / ``state_dict`` / ``load_state_dict``.
+
+    Configuration is returned by ``_config()`` and reproduced by ``repr()``. Subclasses that
+    define ``__init__`` call ``super().__init__()``.
 
     Attributes:
         masked_merge: True when the update is averaged over objectives on shared parameters
@@ -331,6 +343,8 @@ class Aggregator:
 
     masked_merge: bool = False
     needs_reference: bool = False
+    #: the registered callable whose call ``repr()`` writes (default: the class itself)
+    _repr_name: str | None = None
 
     def __init__(self) -> None:
         self._scale_cache = MergeScaleCache()
@@ -341,13 +355,14 @@ class Aggregator:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"{type(self).__name__}({args})"
+        return f"{self._repr_name or type(self).__name__}({args})"
 
     # -- K-space ----------------------------------------------------------------------------
+    @abstractmethod
     def _coefficients(
         self, G: Tensor, names: list[str] | None, nonfinite: Tensor
     ) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """``(C, alpha)``, each (K, K), from a finite Gramian (see the class docstring)."""
 
     def coefficients(self, G: Tensor, names: Sequence[str] | None = None) -> Coefficients:
         """Coefficient matrix C from the Gramian alone (advances the state by one step).
@@ -373,6 +388,36 @@ class Aggregator:
         C = torch.where(nonfinite, torch.zeros_like(C), C)
         alpha = torch.where(nonfinite, torch.zeros_like(alpha), alpha)
         return Coefficients(C, alpha, nonfinite)
+
+    # -- the masked merge -------------------------------------------------------------------
+    def merge_scale(
+        self, shared: Tensor | None, K: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        """This aggregator's masked-merge factor (:func:`merge_scale`), or None when it is 1.
+
+        The (D,) factor is cached per mask tensor (see :class:`MergeScaleCache`).
+        """
+        cache = self.__dict__.get("_scale_cache")
+        if cache is None:  # a subclass that skipped super().__init__()
+            cache = self._scale_cache = MergeScaleCache()
+        return cache.get(shared, K, self.masked_merge, dtype, device)
+
+    def merge_(self, combined: Tensor, shared: Tensor | None, K: int) -> Tensor:
+        """Apply the masked merge in place to an already combined ``Jᵀ c`` (D,) and return it.
+
+        What a training step uses when it obtains ``Jᵀ c`` from one backward of ``Σ_k c_k L_k``
+        (amortised steps, ``jacobian="outputs"``) instead of from a materialised ``J``; the
+        same factor as :meth:`__call__` applies.
+
+        Args:
+            combined: (D,) ``Σ_k c_k g_k``, modified in place.
+            shared: (D,) bool mask of the parameters every objective reaches; None: all.
+            K: number of objectives in the step.
+        """
+        scale = self.merge_scale(shared, K, combined.dtype, combined.device)
+        if scale is not None:
+            combined.mul_(scale)
+        return combined
 
     def __call__(
         self,
@@ -415,12 +460,12 @@ class Aggregator:
         else:
             G = gramian(J)
         co = self.coefficients(G, names)
-        scale = self._scale_cache.get(shared, J.shape[0], self.masked_merge, J.dtype, J.device)
+        scale = self.merge_scale(shared, J.shape[0], J.dtype, J.device)
         update = combine(J, co.C.sum(0), scale, co.nonfinite)
         return AggregationResult.from_gramian(update, G, co, names)
 
     # -- state --------------------------------------------------------------------------------
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - stateless aggregators keep this no-op
         """Forget all state: the next call behaves like the first."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -435,6 +480,21 @@ class Aggregator:
                 f"{type(self).__name__}.load_state_dict: expected keys {sorted(expected)}, "
                 f"got {sorted(state)}"
             )
+
+
+class ObservesValidation(ABC):
+    """An aggregator that learns from validations (Gradient-Blending's interval estimator).
+
+    The engine checks ``isinstance(aggregator, ObservesValidation)`` and then calls
+    :meth:`observe_validation` at every validation with the per-head losses.
+    """
+
+    @abstractmethod
+    def observe_validation(
+        self, train: Mapping[str, float], val: Mapping[str, float]
+    ) -> dict[str, float]:
+        """Record one validation (per-head train and validation losses); return the weights
+        per head now in force (what the engine logs as ``blending/weight/<head>``)."""
 
 
 def check_choice(
