@@ -175,3 +175,74 @@ def test_flat_ground_truth_folder_and_grid_mismatch(tmp_path):
     assert [c["case_id"] for c in content["cases"]] == ["x"]
     assert content["cases"][0]["dice_tc"] == 1.0 and content["cases"][0]["dice_et"] == 1.0
     assert "different affines" in content["errors"]["y"]
+
+
+PINNED = [
+    f"{name}_{r}"
+    for name in ("dice", "hd95", "nsd", "lesion_dice", "lesion_hd95", "lesion_nsd", "lesion_tp")
+    + ("lesion_fp", "lesion_fn", "lesion_f1")
+    for r in ("wt", "tc", "et")
+]
+
+
+def test_metrics_choice_and_pinned_keys(tmp_path):
+    """--metrics all writes every pinned key in each case row of metrics.csv and metrics.json;
+    NaN (official lesion-wise value of an empty region) is JSON null and left out of the mean;
+    legacy / lesionwise write only their own keys."""
+    shape = (16, 12, 12)
+    gt_root, pred = tmp_path / "gt", tmp_path / "pred"
+    pred.mkdir()
+    images = {m: np.ones(shape, np.float32) for m in MODALITIES}
+    a = _cube(shape, (2, 2, 2), (6, 6, 6), 4)
+    b = _cube(shape, (2, 2, 2), (6, 6, 6), 2)  # edema only: TC/ET empty in both
+    write_case(gt_root, "a", images, np.eye(4), a)
+    write_case(gt_root, "b", images, np.eye(4), b)
+    split = a.copy()
+    split[:, 4, :] = 0  # prediction splits the lesion: 1 TP, 1 FP
+    nib.save(nib.Nifti1Image(split, np.eye(4)), pred / "a.nii.gz")
+    nib.save(nib.Nifti1Image(b, np.eye(4)), pred / "b.nii.gz")
+    assert evaluate_main(["--pred", str(pred), "--gt", str(gt_root)]) == 0
+    rows = list(csv.DictReader(open(pred / "metrics.csv")))
+    for key in PINNED:
+        assert key in rows[0], key
+    assert rows[0]["lesion_tp_et"] == "1" and rows[0]["lesion_fp_et"] == "1"
+    assert float(rows[0]["lesion_f1_et"]) == pytest.approx(2 / 3)
+    content = json.loads((pred / "metrics.json").read_text())
+    case_b = content["cases"][1]
+    assert case_b["lesion_dice_et"] is None and case_b["dice_et"] == 1.0  # official vs legacy
+    assert case_b["lesion_dice_wt"] == 1.0 and case_b["lesion_f1_wt"] == 1.0
+    assert content["mean"]["lesion_dice_et"] == pytest.approx(content["cases"][0]["lesion_dice_et"])
+    assert content["metrics"] == "all"
+
+    out = tmp_path / "legacy"
+    argv = ["--pred", str(pred), "--gt", str(gt_root), "--out", str(out), "--metrics", "legacy"]
+    assert evaluate_main(argv) == 0
+    header = open(out / "metrics.csv").readline().strip().split(",")
+    assert header == ["case_id", *[f"dice_{r}" for r in "wt tc et".split()],
+                      *[f"hd95_{r}" for r in "wt tc et".split()], "status"]  # fmt: skip
+    out = tmp_path / "lesion"
+    argv[-3:] = [str(out), "--metrics", "lesionwise"]
+    assert evaluate_main(argv) == 0
+    header = open(out / "metrics.csv").readline().strip().split(",")
+    assert "dice_wt" not in header and "lesion_f1_wt" in header and "nsd_et" in header
+
+
+def test_resection_cavity_scheme(tmp_path):
+    """BraTS 2024+: label 4 is the cavity (ET = 3) - accepted with --resection-cavity and in no
+    region; without it, label 4 under --et-label 3 is a per-case error naming the value."""
+    shape = (16, 12, 12)
+    gt_dir, pred = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred.mkdir()
+    gt = _cube(shape, (2, 2, 2), (6, 6, 6), 3)
+    gt[10:14, 2:6, 2:6] = 4
+    nib.save(nib.Nifti1Image(gt, np.eye(4)), gt_dir / "x.nii.gz")
+    nib.save(nib.Nifti1Image(_cube(shape, (2, 2, 2), (6, 6, 6), 3), np.eye(4)), pred / "x.nii.gz")
+    base = ["--pred", str(pred), "--gt", str(gt_dir), "--et-label", "3"]
+    assert evaluate_main([*base, "--resection-cavity"]) == 0
+    case = json.loads((pred / "metrics.json").read_text())["cases"][0]
+    assert case["dice_wt"] == 1.0 and case["lesion_dice_wt"] == 1.0 and case["lesion_fn_wt"] == 0
+    assert evaluate_main(base) == 1
+    errors = json.loads((pred / "metrics.json").read_text())["errors"]
+    assert "label value(s) [4]" in errors["x"]
+    assert evaluate_main([*base[:-1], "4", "--resection-cavity"]) == 2  # cavity needs ET 3

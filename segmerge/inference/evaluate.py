@@ -15,6 +15,18 @@ MONAI's ``DiceMetric(ignore_empty=False)`` already gives 1 / 0 in the empty case
 millimetres (voxel sizes from the ground truth's header). A case without a prediction is scored as
 an empty prediction and listed as missing.
 
+``--metrics`` chooses the metrics: ``legacy`` (the Dice / HD95 above, keys ``dice_<r>``,
+``hd95_<r>``), ``lesionwise`` (the BraTS 2023+ metrics of the official ``brats-evaluation``
+package, :mod:`segmerge.inference.lesionwise`: ``nsd_<r>``, ``lesion_dice_<r>``,
+``lesion_hd95_<r>``, ``lesion_nsd_<r>``, ``lesion_tp_<r>``, ``lesion_fp_<r>``, ``lesion_fn_<r>``,
+``lesion_f1_<r>`` and the official global ``global_dice_<r>``, ``global_hd95_<r>``) or ``all``
+(both, the default). The official metrics are NaN where the package gives NaN (e.g. Dice when
+both masks are empty): JSON writes ``null``, means skip them (as the official parser does).
+
+Label schemes: BraTS 2017-2022 (ET = 4), BraTS 2023 (ET = 3) and BraTS 2024+ adult glioma
+(ET = 3, label 4 = resection cavity, ``resection_cavity=True``; the cavity belongs to no region).
+A label value outside the scheme is an error for that case.
+
 ``--subsets all`` (:func:`evaluate_subsets`) runs the model on every non-empty subset of the four
 sequences (15 subsets) of labelled cases and tabulates the means: what happens without T1ce?
 """
@@ -37,8 +49,16 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-from segmerge.conventions import HD95_EMPTY, MODALITIES, REGIONS, check_et_label, labels_to_regions
+from segmerge.conventions import (
+    HD95_EMPTY,
+    MODALITIES,
+    REGIONS,
+    check_et_label,
+    label_set,
+    labels_to_regions,
+)
 from segmerge.inference.cases import case_id_from_path, discover_cases
+from segmerge.inference.lesionwise import HD95_INF_AS, LESION_KEYS, lesion_metrics
 from segmerge.inference.predictor import (
     PROBABILITIES_SUFFIX,
     BratsPredictor,
@@ -49,6 +69,9 @@ __all__ = [
     "CONVENTIONS",
     "EvaluationResult",
     "all_subsets",
+    "METRIC_CHOICES",
+    "case_metrics",
+    "metric_keys",
     "region_metrics",
     "ground_truth_files",
     "evaluate_predictions",
@@ -65,10 +88,31 @@ CONVENTIONS: dict[str, Any] = {
     "hd95_units": "mm",
     "missing_prediction": "scored as an empty prediction",
     "regions": {"wt": "labels 1, 2, ET", "tc": "labels 1, ET", "et": "label ET"},
+    "lesionwise": (
+        "brats-evaluation (panoptica) definitions: 26-connected components, maximum bipartite "
+        "Dice matching of overlapping components, lesion_* means over matched pairs, f1 = tp / "
+        "(tp + (fp + fn) / 2); NaN (null) where both masks are empty; global_* and nsd_* on the "
+        "whole region in voxel units (as the official pipeline), lesion_* in mm"
+    ),
+    "hd95_infinite_written_as": HD95_INF_AS,
 }
 logger = logging.getLogger("segmerge.inference")
 
 METRIC_KEYS = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
+"""Legacy (whole-volume, BraTS 2021) keys."""
+METRIC_CHOICES = ("legacy", "lesionwise", "all")
+
+
+def metric_keys(metrics: str = "all") -> list[str]:
+    """Row keys of ``metrics`` (``legacy``, ``lesionwise`` or ``all``), in file column order."""
+    if metrics not in METRIC_CHOICES:
+        raise ValueError(f"metrics must be one of {', '.join(METRIC_CHOICES)}, got {metrics!r}")
+    keys: list[str] = []
+    if metrics in ("legacy", "all"):
+        keys += METRIC_KEYS
+    if metrics in ("lesionwise", "all"):
+        keys += LESION_KEYS
+    return keys
 
 _dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
 _hd95 = HausdorffDistanceMetric(include_background=True, percentile=95.0, reduction="none")
@@ -118,6 +162,55 @@ def region_metrics(
     return out
 
 
+def case_metrics(
+    pred_labels: np.ndarray,
+    gt_labels: np.ndarray,
+    spacing: Sequence[float],
+    et_label: int = 4,
+    metrics: str = "all",
+    resection_cavity: bool = False,
+) -> dict[str, float]:
+    """The metrics of one case: :func:`region_metrics` and/or the official lesion-wise ones.
+
+    Args:
+        pred_labels: predicted BraTS label map.
+        gt_labels: ground-truth label map of the same shape.
+        spacing: voxel size in mm.
+        et_label: enhancing-tumour label value of both maps.
+        metrics: ``legacy``, ``lesionwise`` or ``all``.
+        resection_cavity: label 4 is the resection cavity (BraTS 2024+, ``et_label`` 3).
+
+    Raises:
+        ValueError: a label value outside the scheme, or maps of different shapes.
+    """
+    keys = metric_keys(metrics)
+    allowed = label_set(et_label, resection_cavity)
+    for name, labels in (("prediction", pred_labels), ("ground truth", gt_labels)):
+        values = np.unique(np.asarray(labels))
+        bad = values[~np.isin(values, allowed)]
+        if bad.size:
+            raise ValueError(
+                f"{name} has label value(s) {bad.tolist()} outside {list(allowed)} (et_label="
+                f"{et_label}{', resection cavity 4' if resection_cavity else ''})"
+            )
+    out: dict[str, float] = {}
+    if metrics in ("legacy", "all"):
+        out.update(region_metrics(pred_labels, gt_labels, spacing, et_label))
+    if metrics in ("lesionwise", "all"):
+        if pred_labels.shape != gt_labels.shape:
+            raise ValueError(
+                f"prediction shape {pred_labels.shape} != ground truth shape {gt_labels.shape}"
+            )
+        out.update(
+            lesion_metrics(
+                labels_to_regions(np.asarray(pred_labels), et_label),
+                labels_to_regions(np.asarray(gt_labels), et_label),
+                [float(s) for s in spacing],
+            )
+        )
+    return {k: out[k] for k in keys}
+
+
 def ground_truth_files(gt: str | Path) -> dict[str, Path]:
     """Case id -> label file, from a BraTS folder / datalist or a flat folder of label maps.
 
@@ -152,13 +245,27 @@ class EvaluationResult:
     missing: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     et_label: int = 4
+    metrics: str = "all"
+    resection_cavity: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        """Metric keys of the rows, in column order."""
+        return metric_keys(self.metrics)
 
     def aggregate(self, how: str = "mean") -> dict[str, float]:
-        """Mean (``how="mean"``) or standard deviation (``"std"``) of every metric over cases."""
-        if not self.rows:
-            return {k: float("nan") for k in METRIC_KEYS}
-        fn = np.mean if how == "mean" else np.std
-        return {k: float(fn([r[k] for r in self.rows])) for k in METRIC_KEYS}
+        """Mean (``how="mean"``) or standard deviation (``"std"``) of every metric over cases.
+
+        NaN values (official lesion-wise metrics of empty regions) are left out, as the official
+        parser's means do; a metric NaN in every case stays NaN.
+        """
+        fn = np.nanmean if how == "mean" else np.nanstd
+        out = {}
+        for k in self.keys:
+            values = np.asarray([r[k] for r in self.rows], dtype=np.float64)
+            finite = values[~np.isnan(values)]
+            out[k] = float(fn(finite)) if finite.size else float("nan")
+        return out
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -169,7 +276,11 @@ def _load_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def evaluate_predictions(
-    pred_dir: str | Path, gt: str | Path, et_label: int = 4
+    pred_dir: str | Path,
+    gt: str | Path,
+    et_label: int = 4,
+    metrics: str = "all",
+    resection_cavity: bool = False,
 ) -> EvaluationResult:
     """Score every ground-truth case against ``pred_dir/<case>.nii.gz``.
 
@@ -177,12 +288,18 @@ def evaluate_predictions(
         pred_dir: folder of predictions (as written by ``predict``).
         gt: ground truth, see :func:`ground_truth_files`.
         et_label: enhancing-tumour label of both predictions and ground truth.
+        metrics: ``legacy``, ``lesionwise`` or ``all`` (see the module docstring).
+        resection_cavity: label 4 is the resection cavity (BraTS 2024+ adult glioma, ET 3).
     """
     et_label = check_et_label(et_label)
+    label_set(et_label, resection_cavity)  # the scheme itself is valid
+    metric_keys(metrics)
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} does not exist")
-    result = EvaluationResult(et_label=et_label)
+    result = EvaluationResult(
+        et_label=et_label, metrics=metrics, resection_cavity=bool(resection_cavity)
+    )
     for case_id, gt_path in sorted(ground_truth_files(gt).items()):
         try:
             gt_labels, gt_img = _load_labels(gt_path)
@@ -202,13 +319,18 @@ def evaluate_predictions(
                 pred_labels = np.zeros_like(gt_labels)
                 status = "missing_prediction"
                 result.missing.append(case_id)
-            metrics = region_metrics(
-                pred_labels, gt_labels, gt_img.header.get_zooms()[:3], et_label
+            scores = case_metrics(
+                pred_labels,
+                gt_labels,
+                gt_img.header.get_zooms()[:3],
+                et_label,
+                metrics,
+                resection_cavity,
             )
         except Exception as err:  # one unreadable case is reported, the others still scored
             result.errors[case_id] = str(err)
             continue
-        result.rows.append({"case_id": case_id, **metrics, "status": status})
+        result.rows.append({"case_id": case_id, **scores, "status": status})
     return result
 
 
@@ -219,6 +341,16 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> tuple[Path, Path]:
@@ -232,8 +364,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> tuple[Pat
         {"case_id": "std", **std, "status": ""},
     ]
     csv_path, json_path = out_dir / "metrics.csv", out_dir / "metrics.json"
-    atomic_write_text(csv_path, _csv_text(rows, ["case_id", *METRIC_KEYS, "status"]))
+    atomic_write_text(csv_path, _csv_text(rows, ["case_id", *result.keys, "status"]))
     content = {
+        "metrics": result.metrics,
         "n_cases": len(result.rows),
         "mean": mean,
         "std": std,
@@ -241,9 +374,11 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> tuple[Pat
         "missing_predictions": result.missing,
         "errors": result.errors,
         "et_label": result.et_label,
+        "resection_cavity": result.resection_cavity,
         "conventions": CONVENTIONS,
     }
-    atomic_write_text(json_path, json.dumps(content, indent=2) + "\n")
+    # strict JSON: NaN (official metrics of empty regions) is written as null
+    atomic_write_text(json_path, json.dumps(_json_safe(content), indent=2, allow_nan=False) + "\n")
     return csv_path, json_path
 
 
