@@ -124,6 +124,19 @@ def evaluate_main(argv: list[str]) -> int:
         "--input with only these sequences",
     )
     parser.add_argument("--input", help="dataset with input sequences (for --subsets)")
+    parser.add_argument(
+        "--metrics",
+        choices=("legacy", "lesionwise", "all"),
+        default="all",
+        help="legacy: whole-volume Dice/HD95 (BraTS 2021); lesionwise: the official BraTS 2023+ "
+        "lesion-wise Dice/HD95/NSD, lesion TP/FP/FN/F1 and global NSD; all (default): both",
+    )
+    parser.add_argument(
+        "--resection-cavity",
+        action="store_true",
+        help="BraTS 2024+ adult glioma labels: 4 is the resection cavity (in no region; "
+        "needs --et-label 3)",
+    )
     _common(parser)
     args = parser.parse_args(argv)
     if not args.pred and not args.subsets:
@@ -146,7 +159,9 @@ def evaluate_main(argv: list[str]) -> int:
     try:
         if args.pred:
             et_label = args.et_label if args.et_label is not None else 4
-            result = evaluate_predictions(args.pred, args.gt, et_label)
+            result = evaluate_predictions(
+                args.pred, args.gt, et_label, args.metrics, args.resection_cavity
+            )
             csv_path, json_path = write_evaluation(result, out)
             mean = result.aggregate("mean")
             print(f"{len(result.rows)} case(s) scored -> {csv_path}, {json_path}")
