@@ -14,7 +14,6 @@ Exit status: 0 on success, 2 on a configuration or input error (reported before 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -32,15 +31,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(usage())
             return 0
         resume_state = None
-        base = None
+        checkpoint = None
         if opts.resume:
             from segmerge.engine.checkpoint import load_checkpoint, resolve_resume_path
 
             path = resolve_resume_path(opts.resume)
             resume_state = load_checkpoint(path)
-            base = json.loads(resume_state["config"])
+            checkpoint = (resume_state, path)  # its configuration is data, never evaluated
             opts.resume = str(path)
-        parser = load_config(opts, base_config=base)
+        parser = load_config(opts, checkpoint=checkpoint)
         from segmerge.engine.trainer import Trainer, format_summary
 
         trainer = Trainer(parser, resume=opts.resume, resume_state=resume_state)

@@ -9,17 +9,16 @@ Command-line options are of three kinds, tried in this order:
 2. hyper-parameters of the chosen aggregator (``--r 0.5`` sets ``aggregator#r``);
 3. any config id, MONAI style (``--lr 0.001``, ``--network_def#features "[8,16,32,64]"``).
 
-Anything else is an error that names the closest valid option. Values are parsed as JSON, then as
-Python literals, and otherwise kept as strings.
+Anything else is an error that names the closest valid option. Values are literals (the rule of
+:mod:`segmerge.overrides`, shared with ``predict`` and ``compare``): JSON, then a Python literal,
+otherwise the string typed; ``$``/``@``/``%`` values are evaluated by MONAI only with ``--expr``.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib
 import inspect
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 from segmerge.bundle_paths import config_dir
+from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, parse_value, to_config
 
 __all__ = [
     "NAMED_OPTIONS",
@@ -62,10 +62,11 @@ NAMED_OPTIONS: dict[str, str | None] = {
     "skip_invalid": "dataset#skip_invalid",
     "config": None,
     "bundle_root": "bundle_root",
+    "expr": None,
 }
 """Named command-line options (dashes or underscores) and the config id each one sets."""
 
-FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "help")
+FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "help", "expr")
 """Options that take no value (their presence means ``True``)."""
 
 _HELP = {
@@ -86,6 +87,7 @@ _HELP = {
     "skip_invalid": "skip invalid cases instead of stopping",
     "config": "extra JSON/YAML config file(s) merged over the defaults",
     "bundle_root": "bundle folder (models/model.pt is written there)",
+    "expr": EXPRESSION_HELP,
 }
 
 
@@ -103,6 +105,7 @@ class TrainOptions:
         config_files: extra config files merged after the defaults.
         overrides: ``(option, value)`` pairs in command-line order (option without dashes).
         help: whether ``--help`` was given.
+        expressions: whether ``--expr`` was given (``$``/``@``/``%`` values are evaluated).
     """
 
     aggregator: str | None = None
@@ -110,6 +113,7 @@ class TrainOptions:
     config_files: list[str] = field(default_factory=list)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     help: bool = False
+    expressions: bool = False
 
 
 def default_config_dir() -> Path:
@@ -128,21 +132,6 @@ def closest(word: str, candidates: Sequence[str]) -> str:
     """`` (did you mean '<x>'?)`` for the closest candidate, or an empty string."""
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _parse_value(text: Any) -> Any:
-    if not isinstance(text, str):
-        return text
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, TypeError):
-            continue
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() in ("none", "null"):
-        return None
-    return text
 
 
 def parse_argv(argv: Sequence[str]) -> TrainOptions:
@@ -184,8 +173,10 @@ def parse_argv(argv: Sequence[str]) -> TrainOptions:
             opts.resume = str(value)
         elif key == "config":
             opts.config_files.append(str(value))
+        elif key == "expr":
+            opts.expressions = parse_value(value) is True
         else:
-            opts.overrides.append((key, _parse_value(value)))
+            opts.overrides.append((key, value))
     return opts
 
 
@@ -245,6 +236,7 @@ def load_config(
     opts: TrainOptions,
     config_dir: Path | None = None,
     base_config: Mapping[str, Any] | None = None,
+    checkpoint: tuple[Mapping[str, Any], str | Path] | None = None,
 ) -> ConfigParser:
     """Read ``train.json``, the aggregator override and extra files, then apply the overrides.
 
@@ -252,8 +244,11 @@ def load_config(
         opts: parsed command line.
         config_dir: folder holding ``train.json`` and ``aggregators/`` (default
             :func:`default_config_dir`).
-        base_config: start from this configuration instead of ``train.json`` (resume: the
-            configuration stored in the checkpoint).
+        base_config: start from this configuration instead of ``train.json`` (trusted: it is
+            code, like a config file).
+        checkpoint: ``(state, path)`` of a checkpoint to resume: its resolved configuration is
+            put back over ``train.json`` as data (:func:`segmerge.engine.checkpoint.restore_config`,
+            nothing in it is evaluated) before the command line is applied.
 
     Returns:
         A ConfigParser holding the merged (not yet instantiated) configuration.
@@ -270,6 +265,21 @@ def load_config(
         if not base.is_file():
             raise ConfigError(f"training config not found: {base}")
         parser.read_config(str(base))
+    files = list(opts.config_files)
+    for extra in files:
+        if not Path(extra).is_file():
+            raise ConfigError(f"--config {extra}: no such file")
+    if checkpoint is not None:
+        from segmerge.engine.checkpoint import restore_config
+
+        # config files are code: merged first, so that the checkpoint's data may refer to them
+        for extra in files:
+            _merge_file(parser, Path(extra))
+        files = []
+        try:
+            restore_config(parser, checkpoint[0], checkpoint[1])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if opts.aggregator is not None:
         names = available_aggregators(folder)
         name = opts.aggregator.lower()
@@ -279,12 +289,10 @@ def load_config(
                 f"available: {', '.join(names)}"
             )
         _merge_file(parser, folder / "aggregators" / f"{name}.json")
-    for extra in opts.config_files:
-        if not Path(extra).is_file():
-            raise ConfigError(f"--config {extra}: no such file")
+    for extra in files:
         _merge_file(parser, Path(extra))
     for key, value in opts.overrides:
-        parser[_resolve_key(parser, key)] = value
+        parser[_resolve_key(parser, key)] = to_config(value, opts.expressions)
     return parser
 
 
@@ -316,5 +324,6 @@ def usage(config_dir: Path | None = None) -> str:
         "--aggregator gradcraft --r 0.5)",
         "any config id of configs/train.json is an option too: --lr 0.001, --network_def#features "
         "'[8,16,32,64]'",
+        f"values: {RULE_HELP}; config files (configs/*.json, --config) are code, as in MONAI",
     ]
     return "\n".join(lines)

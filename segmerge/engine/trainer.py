@@ -36,7 +36,14 @@ import torch.distributed as dist
 from monai.bundle import ConfigParser
 
 from segmerge.conventions import REGIONS
-from segmerge.engine.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from segmerge.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_torch_save,
+    load_checkpoint,
+    resolved_config,
+    rng_state,
+    set_rng_state,
+)
 from segmerge.engine.config import ConfigError
 from segmerge.engine.metrics_buffer import StepMetrics
 from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
@@ -58,8 +65,6 @@ __all__ = [
     "phantom_spec",
     "train",
 ]
-
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -231,6 +236,8 @@ class Trainer:
         self.iteration = 0
         self.best = {"metric": -1.0, "epoch": -1, "dice": {}, "hd95": {}}
         self.run_id: str | None = None
+        # the configuration as data (checkpoints, MLflow params): resolved once, RNG-neutral
+        self.resolved, self.resolved_expressions = resolved_config(p)
         if self.resume_state is not None:
             self._restore(self.resume_state)
         self._start_tracking()
@@ -287,6 +294,10 @@ class Trainer:
         if threads is not None:
             torch.set_num_threads(_check_int("num_threads", threads, 1))
         self.total_steps = self.epochs * self.steps_per_epoch
+        # read here (a bad reference is a config error, not blamed on the MLflow store later)
+        self.experiment = str(_config_value(p, "experiment"))
+        run_name = _config_value(p, "run_name")
+        self.run_name = None if run_name is None else str(run_name)
 
     def _resolve_device(self) -> None:
         want = str(self.parser.get_parsed_content("device")).lower()
@@ -309,8 +320,9 @@ class Trainer:
         self.output_dir = Path(g("output_dir")).expanduser().absolute()
         self.cache_dir = Path(g("cache_dir")).expanduser().absolute()
         uri = g("tracking_uri")
+        # the default store follows output_dir (not frozen into the config: a resumed copy of a
+        # checkpoint elsewhere writes to its own folder's store)
         self.tracking_uri = str(uri) if uri else default_tracking_uri(self.output_dir)
-        self.parser["tracking_uri"] = self.tracking_uri
         if self.is_main:
             _check_writable(self.output_dir, "output folder")
             _check_writable(self.bundle_root / "models", "bundle models folder")
@@ -467,8 +479,8 @@ class Trainer:
         try:
             self.tracker = Tracker(
                 self.tracking_uri,
-                experiment=str(self.parser.get_parsed_content("experiment")),
-                run_name=self.parser.get_parsed_content("run_name"),
+                experiment=self.experiment,
+                run_name=self.run_name,
                 run_id=self.run_id,
                 enabled=enabled,
                 # $SEGMERGE_RUN_TAGS (a JSON object) adds tags to a new run: compare passes
@@ -502,7 +514,7 @@ class Trainer:
         import segmerge
 
         raw = self.parser.get()
-        resolved = self._resolved_config()
+        resolved = self.resolved
         params: dict[str, Any] = {"config": resolved}
         params["aggregator_repr"] = repr(self.aggregator)
         params["train_step_repr"] = repr(self.train_step)
@@ -522,35 +534,6 @@ class Trainer:
         self.tracker.log_text(json.dumps(raw, indent=2, default=repr), "config/train.json")
         self.tracker.log_text(json.dumps(resolved, indent=2, default=repr), "config/resolved.json")
 
-    def _resolved_config(self) -> dict[str, Any]:
-        """The configuration with every expression and reference replaced by its value where
-        that value is plain data; components (``_target_``) stay as configured."""
-
-        def plain(value: Any) -> bool:
-            if isinstance(value, (str, int, float, bool)) or value is None:
-                return True
-            if isinstance(value, (list, tuple)):
-                return all(plain(v) for v in value)
-            if isinstance(value, dict):
-                return all(isinstance(k, str) and plain(v) for k, v in value.items())
-            return False
-
-        def walk(cid: str, raw: Any) -> Any:
-            if isinstance(raw, dict):
-                return {k: walk(f"{cid}#{k}", v) for k, v in raw.items()}
-            if isinstance(raw, list):
-                return [walk(f"{cid}#{i}", v) for i, v in enumerate(raw)]
-            if isinstance(raw, str) and raw[:1] in ("$", "@") and not cid.startswith("imports"):
-                try:
-                    value = self.parser.get_parsed_content(cid)
-                except Exception:  # an expression that needs runtime objects: keep its text
-                    return raw
-                return list(value) if isinstance(value, tuple) else value if plain(value) else raw
-            return raw
-
-        raw = self.parser.get()
-        return {k: walk(k, v) for k, v in raw.items() if k not in ("_comment", "imports")}
-
     # ================================================================== checkpoints
     def _state(self) -> dict[str, Any]:
         return {
@@ -569,7 +552,8 @@ class Trainer:
             "best": dict(self.best),
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
-            "config": json.dumps(self.parser.get(), default=repr),
+            "config": json.dumps(self.resolved),
+            "config_expressions": list(self.resolved_expressions),
         }
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
@@ -934,6 +918,14 @@ def run_tags_from_env() -> dict[str, str]:
     if not isinstance(tags, dict):
         raise ConfigError(f"$SEGMERGE_RUN_TAGS must be a JSON object, got {text[:80]!r}")
     return {str(k): str(v) for k, v in tags.items()}
+
+
+def _config_value(parser: ConfigParser, cid: str) -> Any:
+    """``parser.get_parsed_content(cid)`` with a failure reported as a ConfigError naming ``cid``."""
+    try:
+        return parser.get_parsed_content(cid)
+    except Exception as err:
+        raise ConfigError(f"{cid}: cannot be resolved ({_root_message(err)})") from err
 
 
 def _root_message(err: BaseException) -> str:

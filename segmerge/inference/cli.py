@@ -6,34 +6,27 @@
 
 Both build the predictor from ``configs/inference.json`` (the bundle's config), so they run the
 same network, transforms and sliding window as ``python -m monai.bundle run``. ``--set ID=VALUE``
-overrides any config id (VALUE is JSON when it parses as JSON, e.g. ``--set roi_size=[96,96,96]``).
+overrides any config id; VALUE follows the rule of :mod:`segmerge.overrides` shared with ``train``
+and ``compare`` (a literal: JSON, else a Python literal, else the text; ``$``/``@``/``%`` only
+evaluated with ``--expr``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from segmerge.conventions import VALID_ET_LABELS
+from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, parse_assignments
 
 __all__ = ["predict_main", "evaluate_main"]
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects ID=VALUE (e.g. roi_size=[96,96,96]), got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # plain strings need no JSON quotes
-    return out
+def _overrides(pairs: list[str], expressions: bool = False) -> dict[str, Any]:
+    return parse_assignments(pairs, expressions=expressions)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +45,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ID=VALUE",
-        help="override a config id, e.g. --set roi_size=[96,96,96] (repeatable)",
+        help="override a config id, e.g. --set roi_size=[96,96,96] (repeatable); " + RULE_HELP,
     )
+    parser.add_argument("--expr", action="store_true", help=EXPRESSION_HELP)
 
 
 def _predictor_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -64,7 +58,7 @@ def _predictor_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, An
         values["device"] = args.device
     if args.et_label is not None:
         values["et_label"] = args.et_label
-    values.update(_overrides(args.set))
+    values.update(_overrides(args.set, expressions=args.expr))
     return values
 
 
