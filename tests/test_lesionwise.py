@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segmerge.conventions import REGIONS
+from segmerge.conventions import REGIONS, labels_to_regions
 from segmerge.inference.evaluate import case_metrics
 from segmerge.inference.lesionwise import (
     HD95_INF_AS,
@@ -199,3 +199,30 @@ def test_labels_outside_the_scheme_are_refused():
     assert math.isnan(m["lesion_dice_wt"])  # the cavity is in no region
     with pytest.raises(ValueError, match="needs et_label 3"):
         case_metrics(lab, lab, (1, 1, 1), et_label=4, resection_cavity=True)
+
+
+def test_validation_logs_lesionwise_means():
+    """engine.validate: val/lesion_dice|lesion_hd95|lesion_f1/<region> next to Dice/HD95; a
+    region empty in prediction and label of every case (NaN officially) is not logged."""
+    import torch
+
+    from segmerge.engine.validation import validate
+
+    class Oracle(torch.nn.Module):  # predicts the label itself: logits +-10
+        def __init__(self, label: torch.Tensor) -> None:
+            super().__init__()
+            self.label = label
+
+        def forward(self, x, available=None):
+            return (self.label[None].expand(x.shape[0], -1, -1, -1, -1) * 20.0 - 10.0).to(x)
+
+    lab = np.zeros((16, 16, 16), np.uint8)
+    lab[2:7, 2:7, 2:7] = 2
+    lab[10:14, 10:14, 10:14] = 1  # WT: two lesions, TC: one, ET: none
+    label = torch.as_tensor(labels_to_regions(lab, 4)).float()
+    case = {"image": torch.zeros(4, 16, 16, 16), "label": label, "available": torch.ones(4)}
+    result = validate(Oracle(label), [case], (16, 16, 16), torch.device("cpu"))
+    values = result.metrics()
+    assert values["val/lesion_dice/wt"] == 1.0 and values["val/lesion_f1/tc"] == 1.0
+    assert values["val/lesion_hd95/wt"] == 0.0
+    assert "val/lesion_dice/et" not in values and values["val/dice/et"] == 1.0

@@ -7,6 +7,11 @@ conventions are applied here after the fact.
 
 Under torch.distributed each rank evaluates its share of the cases and the sums are all-reduced,
 so every rank ends with the same numbers (Gradient-Blending's weights must agree on all ranks).
+
+Next to them, the means of the official BraTS 2023+ lesion-wise metrics (lesion-wise Dice, HD95
+in voxels of the validation grid, lesion F1; :mod:`segmerge.inference.lesionwise`) are logged as
+``val/lesion_dice/<r>``, ``val/lesion_hd95/<r>``, ``val/lesion_f1/<r>``: cases where the official
+value is NaN (region empty in both) are left out of a mean, as the official parser does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from segmerge.conventions import HD95_EMPTY, REGIONS
+from segmerge.inference.lesionwise import lesion_metrics
+
+LESION_MEANS = ("lesion_dice", "lesion_hd95", "lesion_f1")
+"""Official lesion-wise metrics averaged at validation (the cheap part of the official set)."""
 
 __all__ = [
     "ValidationResult",
@@ -48,11 +57,18 @@ class ValidationResult:
     hd95: dict[str, float]
     n_cases: int
     example: dict[str, torch.Tensor] = field(default_factory=dict)
+    lesion: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``lesion_dice`` / ``lesion_hd95`` / ``lesion_f1`` -> region -> mean (NaN: no case had it)."""
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
-        """Flat MLflow keys: ``val/dice/wt`` ... ``val/hd95/mean``."""
+        """Flat MLflow keys: ``val/dice/wt`` ... ``val/hd95/mean``, ``val/lesion_f1/et`` ...
+
+        Lesion-wise means that are NaN (the region was empty in every case) are not logged.
+        """
         out = {f"{prefix}/dice/{k}": v for k, v in self.dice.items()}
         out.update({f"{prefix}/hd95/{k}": v for k, v in self.hd95.items()})
+        for name, values in self.lesion.items():
+            out.update({f"{prefix}/{name}/{k}": v for k, v in values.items() if v == v})
         return out
 
 
@@ -137,6 +153,8 @@ def validate(
     model.eval()
     sums = torch.zeros(2, len(REGIONS), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    # lesion-wise: per metric and region, the sum of the non-NaN values and their count (CPU)
+    lesion_sums = torch.zeros(2, len(LESION_MEANS), len(REGIONS), dtype=torch.float64)
     example: dict[str, torch.Tensor] = {}
     try:
         for i, case in enumerate(cases):
@@ -166,6 +184,16 @@ def validate(
             sums[0] += dice.sum(0).double()
             sums[1] += hd.sum(0).double()
             count += dice.shape[0]
+            # connected components and matching run on the CPU (cc3d, scipy): one copy per case
+            for p_case, t_case in zip(pred.cpu().numpy(), (label > 0.5).cpu().numpy()):
+                scores = lesion_metrics(p_case, t_case, (1.0, 1.0, 1.0))
+                values = torch.tensor(
+                    [[scores[f"{n}_{r}"] for r in REGIONS] for n in LESION_MEANS],
+                    dtype=torch.float64,
+                )
+                seen = ~torch.isnan(values)
+                lesion_sums[0] += torch.where(seen, values, torch.zeros_like(values))
+                lesion_sums[1] += seen.double()
             if i == example_index and rank == 0:
                 example = {
                     "image": image[0].float().cpu(),
@@ -176,13 +204,23 @@ def validate(
         model.train(was_training)
     _all_reduce(sums)
     _all_reduce(count)
+    lesion_sums = _all_reduce(lesion_sums.to(device)).cpu()
     n = max(float(count), 1.0)  # one sync per validation, not per case
     means = (sums / n).tolist()
     dice_d = dict(zip(REGIONS, means[0]))
     hd_d = dict(zip(REGIONS, means[1]))
     dice_d["mean"] = sum(means[0]) / len(REGIONS)
     hd_d["mean"] = sum(means[1]) / len(REGIONS)
-    return ValidationResult(dice=dice_d, hd95=hd_d, n_cases=int(count), example=example)
+    lesion_mean = (lesion_sums[0] / lesion_sums[1]).tolist()  # 0 / 0 -> NaN: not logged
+    lesion: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(LESION_MEANS):
+        row = dict(zip(REGIONS, lesion_mean[j]))
+        seen = [v for v in row.values() if v == v]
+        row["mean"] = sum(seen) / len(seen) if seen else float("nan")
+        lesion[name] = row
+    return ValidationResult(
+        dice=dice_d, hd95=hd_d, n_cases=int(count), example=example, lesion=lesion
+    )
 
 
 class heads_mode:  # noqa: N801 - used as a context manager, reads like a function
