@@ -7,6 +7,9 @@ Channel order of the network input (written into the bundle's ``channel_def``):
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -24,6 +27,47 @@ NCR, ED = 1, 2
 VALID_ET_LABELS = (3, 4)
 HD95_EMPTY = 373.13
 """BraTS convention: HD95 when exactly one of prediction / ground truth is empty."""
+
+
+def suggest(name: object, valid: Iterable[object], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to ``name``, or ``""`` when none is close.
+
+    The one "did you mean" of segmerge (``difflib`` similarity, ``cutoff`` in [0, 1]).
+
+    Example:
+        >>> suggest("flari", MODALITIES)
+        " (did you mean 'flair'?)"
+    """
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+CASE_ID_RULE = "a case id is a plain name: not empty, no '/' or '\\', no '..', no control characters"
+"""The one rule every command applies to case ids (they become output file names)."""
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` breaks :data:`CASE_ID_RULE`, or ``None`` when it is a valid case id.
+
+    Example:
+        >>> case_id_problem("BraTS-GLI-00000-000") is None
+        True
+        >>> case_id_problem("../../victim/settings")
+        "contains '..'"
+    """
+    if not isinstance(case_id, str):
+        return f"not a string ({type(case_id).__name__})"
+    if not case_id.strip():
+        return "empty"
+    if ".." in case_id:
+        return "contains '..'"
+    for sep in ("/", "\\"):
+        if sep in case_id:
+            return f"contains the separator {sep!r}"
+    bad = [ch for ch in case_id if ord(ch) < 32 or 127 <= ord(ch) < 160]
+    if bad:
+        return f"contains the control character {bad[0]!r}"
+    return None
 
 
 def check_et_label(et_label: int) -> int:

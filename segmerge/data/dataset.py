@@ -8,7 +8,14 @@ Every case becomes one dict keyed by modality *name*::
 ``label`` is absent for testing cases (no segmentation). With ``allow_missing=True`` a modality
 whose file is absent is ``None`` (the transforms turn it into a zero channel and mark it
 unavailable); without it the expected path is kept, and :func:`segmerge.data.validate_dataset`
-reports the missing file together with every other problem.
+reports the missing file together with every other problem. A file a datalist *lists* must exist
+in every mode (``allow_missing`` covers sequences that are not listed, listed as ``null``, or
+absent from a case folder): a wrong path is reported, never read as an absent sequence.
+
+This module is the only reader of dataset folders and datalists: training, ``check-data``,
+``predict``, evaluation and the bundle all go through :func:`load_dataset`. It enforces, where the
+dataset is read, the one case-id rule (:data:`segmerge.conventions.CASE_ID_RULE`: case ids
+become output file names), unique case ids, and known datalist keys.
 """
 
 from __future__ import annotations
@@ -16,12 +23,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segmerge.conventions import BRATS2021_SUFFIX, BRATS2023_SUFFIX, MODALITIES, check_et_label
+from segmerge.conventions import (
+    BRATS2021_SUFFIX,
+    BRATS2023_SUFFIX,
+    CASE_ID_RULE,
+    MODALITIES,
+    case_id_problem,
+    check_et_label,
+    suggest,
+)
 
 LAYOUTS: dict[str, dict[str, str]] = {"brats2021": BRATS2021_SUFFIX, "brats2023": BRATS2023_SUFFIX}
 """Folder layouts: file-name suffix of each modality and of the label."""
@@ -30,11 +47,33 @@ _SEPARATOR = {"brats2021": "_", "brats2023": "-"}
 _EXTENSIONS = (".nii.gz", ".nii")
 # Datalist keys accepted as synonyms of the canonical names (BraTS 2023 suffixes, "seg").
 _ALIASES = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "label"}
+_ITEM_KEYS = ("case_id", *MODALITIES, "label", *_ALIASES)
 DATALIST_NAME = "dataset.json"
 
 
 class DatasetError(ValueError):
-    """A dataset cannot be read at all (no such path, empty folder, unreadable datalist)."""
+    """A dataset cannot be read at all (no such path, empty folder, unreadable datalist, a case
+    id that breaks the rule, two cases with one id)."""
+
+
+class DatasetWarning(UserWarning):
+    """Something in a datalist is ignored (an unknown key that names no file)."""
+
+
+def check_case_id(case_id: object, where: str) -> str:
+    """Return ``case_id`` if it follows :data:`~segmerge.conventions.CASE_ID_RULE`.
+
+    Args:
+        case_id: the identifier read from a datalist or a folder name.
+        where: the datalist file and item (or folder) it comes from, for the message.
+
+    Raises:
+        DatasetError: naming ``where``, the value and the rule.
+    """
+    problem = case_id_problem(case_id)
+    if problem is not None:
+        raise DatasetError(f"{where}: case_id {case_id!r} {problem} ({CASE_ID_RULE})")
+    return str(case_id)
 
 
 @dataclass
@@ -51,6 +90,7 @@ class DatasetSpec:
         testing: case dicts without labels.
         source: the file or folder given to :func:`load_dataset`.
         declared_et_label: ET label written in the datalist (``"et_label"``), if any.
+        ignored: subfolders of a BraTS folder that hold no case files (not read as cases).
     """
 
     root: Path
@@ -62,6 +102,7 @@ class DatasetSpec:
     testing: list[dict] = field(default_factory=list)
     source: Path | None = None
     declared_et_label: int | None = None
+    ignored: list[Path] = field(default_factory=list)
 
     def all_items(self) -> list[dict]:
         """Training, validation and testing items in that order."""
@@ -126,6 +167,7 @@ def load_dataset(
     allow_missing: bool = False,
     val_fraction: float = 0.2,
     seed: int = 0,
+    exclude: Sequence[str | os.PathLike] = (),
 ) -> DatasetSpec:
     """Read a dataset; the format is auto-detected.
 
@@ -143,6 +185,8 @@ def load_dataset(
             the expected path for :func:`validate_dataset` to report.
         val_fraction: fraction of labelled cases held out when no validation list exists.
         seed: seed of that split.
+        exclude: folders never read as case folders (``predict`` passes its ``--output``, which
+            may lie inside the input folder).
 
     Returns:
         The dataset description (no image is read here; see :func:`validate_dataset`).
@@ -161,16 +205,15 @@ def load_dataset(
         return _from_datalist(p, et_label, allow_missing, val_fraction, seed)
     if (p / DATALIST_NAME).is_file():
         return _from_datalist(p / DATALIST_NAME, et_label, allow_missing, val_fraction, seed)
-    return _from_folder(p, et_label, allow_missing, val_fraction, seed)
+    skip = {Path(e).expanduser().absolute() for e in exclude}
+    return _from_folder(p, et_label, allow_missing, val_fraction, seed, skip)
 
 
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
-        import difflib
-
-        close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown layout {layout!r}: expected one of {sorted(LAYOUTS)}{hint}")
+        raise ValueError(
+            f"unknown layout {layout!r}: expected one of {sorted(LAYOUTS)}{suggest(layout, LAYOUTS)}"
+        )
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -198,30 +241,34 @@ def _detect_case_layout(folder: Path) -> str | None:
     return None
 
 
-def _scan_cases(entries: list[Path]) -> list[tuple[Path, str]]:
-    cases = []
+def _scan_cases(
+    entries: list[Path], skip: set[Path]
+) -> tuple[list[tuple[Path, str]], list[Path]]:
+    cases, ignored = [], []
     for d in entries:
-        if d.is_dir() and not d.name.startswith("."):
+        if d.is_dir() and not d.name.startswith(".") and d.absolute() not in skip:
             layout = _detect_case_layout(d)
             if layout is not None:
                 cases.append((d, layout))
-    return cases
+            else:
+                ignored.append(d)
+    return cases, ignored
 
 
 def _from_folder(
-    root: Path, et_label: int, allow_missing: bool, val_fraction: float, seed: int
+    root: Path, et_label: int, allow_missing: bool, val_fraction: float, seed: int, skip: set[Path]
 ) -> DatasetSpec:
-    entries = sorted(root.iterdir())
+    entries = [e for e in sorted(root.iterdir()) if e.absolute() not in skip]
     if not entries:
         raise DatasetError(f"{root}: empty folder (no dataset.json and no case folders)")
-    cases = _scan_cases(entries)
+    cases, ignored = _scan_cases(entries, skip)
     if not cases:
         # Official archives unpack into one wrapper folder (e.g. BraTS2021_TrainingData/): look
         # one level down when exactly one subfolder holds cases.
-        nested = [_scan_cases(sorted(d.iterdir())) for d in entries if d.is_dir()]
-        nested = [c for c in nested if c]
+        nested = [_scan_cases(sorted(d.iterdir()), skip) for d in entries if d.is_dir()]
+        nested = [c for c in nested if c[0]]
         if len(nested) == 1:
-            cases = nested[0]
+            cases, ignored = nested[0]
     if not cases:
         raise DatasetError(
             f"{root}: no {DATALIST_NAME} and no BraTS case folders found (expected "
@@ -236,7 +283,7 @@ def _from_folder(
     layout = layouts.pop()
     labelled, unlabelled = [], []
     for d, _ in cases:
-        item: dict = {"case_id": d.name}
+        item: dict = {"case_id": check_case_id(d.name, f"{root}: case folder")}
         sep = _SEPARATOR[layout]
         for key, suffix in LAYOUTS[layout].items():
             found = _find_file(d, d.name + sep + suffix)
@@ -258,6 +305,7 @@ def _from_folder(
         validation=[it for it in labelled if it["case_id"] in val_ids],
         testing=unlabelled,
         source=root,
+        ignored=ignored,
     )
 
 
@@ -286,7 +334,12 @@ def _datalist_item(raw, where: str, folder: Path, allow_missing: bool) -> dict:
         )
     item: dict = {}
     for key, value in raw.items():
+        if key not in _ITEM_KEYS:
+            _unknown_key(key, value, where)
+            continue
         key = _ALIASES.get(key, key)
+        if key in item and key != "case_id":
+            raise DatasetError(f"{where}: '{key}' is given twice (once under a BraTS 2023 name)")
         if key in (*MODALITIES, "label"):
             if value is None:
                 item[key] = None
@@ -295,23 +348,50 @@ def _datalist_item(raw, where: str, folder: Path, allow_missing: bool) -> dict:
             else:
                 q = Path(value).expanduser()
                 item[key] = str(q if q.is_absolute() else folder / q)
-        elif key == "case_id":
-            item["case_id"] = str(value)
+        elif key == "case_id" and value is not None:
+            item["case_id"] = check_case_id(
+                value if isinstance(value, str) else str(value), where
+            )
     for m in MODALITIES:
         if m not in item:
-            item[m] = None
-        if allow_missing and item[m] is not None and not Path(item[m]).exists():
             item[m] = None
     if "case_id" not in item:
         first = next((item[k] for k in (*MODALITIES, "label") if item.get(k)), None)
         if first is None:
             raise DatasetError(f"{where}: the case names no file at all")
-        item["case_id"] = _case_id_from_path(first)
+        item["case_id"] = check_case_id(_case_id_from_path(first), f"{where} (from {first})")
     return {
         "case_id": item.pop("case_id"),
         **{k: item[k] for k in MODALITIES},
         **({"label": item["label"]} if item.get("label") else {}),
     }
+
+
+def _unknown_key(key: object, value: object, where: str) -> None:
+    """An unknown item key: an error when it looks like a misspelt sequence or names a NIfTI
+    file (the file would otherwise be silently unused), else a :class:`DatasetWarning`."""
+    valid = ", ".join(_ITEM_KEYS)
+    hint = suggest(key, _ITEM_KEYS)
+    names_file = isinstance(value, str) and value.lower().endswith((".nii", ".nii.gz"))
+    if hint or names_file:
+        raise DatasetError(f"{where}: unknown key {key!r}{hint}; valid keys: {valid}")
+    warnings.warn(
+        f"{where}: unknown key {key!r} ignored (valid keys: {valid})", DatasetWarning, stacklevel=4
+    )
+
+
+def _check_unique(splits: dict[str, list[dict]], path: Path) -> None:
+    first: dict[str, str] = {}
+    for split, items in splits.items():
+        for i, item in enumerate(items):
+            where = f"{split}[{i}]"
+            cid = item["case_id"]
+            if cid in first:
+                raise DatasetError(
+                    f"{path}: {first[cid]} and {where} both have case_id {cid!r} (case ids must be "
+                    "unique: each names the case's output files)"
+                )
+            first[cid] = where
 
 
 def _from_datalist(
@@ -337,6 +417,7 @@ def _from_datalist(
             _datalist_item(r, f"{path} {split}[{i}]", folder, allow_missing)
             for i, r in enumerate(raw)
         ]
+    _check_unique(splits, path)
     training, validation = splits["training"], splits["validation"]
     if not validation and val_fraction > 0:
         val_ids = split_cases([it["case_id"] for it in training], val_fraction, seed)

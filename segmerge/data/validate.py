@@ -5,11 +5,17 @@ same function first and stops (or, with ``--skip-invalid``, drops the failing ca
 :func:`filter_valid`). Rules checked per case:
 
 - ``file exists`` / ``file loads`` (a truncated ``.nii.gz`` fails to decompress);
-- ``3-D volume``;
+- ``volume within MAX_VOXELS voxels`` and ``header's volume fits the file size``, checked on the
+  header *before* any voxel is read (a 111-byte file declaring 800³ voxels must not allocate 2 GB);
+- ``3-D volume`` (a trailing axis of length 1, ``(X, Y, Z, 1)``, is squeezed);
 - ``shape matches`` and ``affine matches`` (within ``affine_tol`` mm) across modalities and label;
 - ``label values in {0, 1, 2, ET}`` (a 3 in an ET = 4 dataset is named with its case);
 - ``finite intensities`` (no NaN / inf) and ``sequence not empty`` (not all-zero or constant);
 - ``modality present`` (unless incomplete data is allowed) and ``labelled`` (training/validation).
+
+:func:`check_case` is the per-case check; ``check-data``, training (through
+:func:`validate_dataset`) and ``predict`` (per case, before reading for the network) all run it, so
+they agree on what is valid.
 """
 
 from __future__ import annotations
@@ -28,6 +34,18 @@ from segmerge.data.dataset import DatasetSpec
 
 DATASET = "*"
 """``Problem.case`` of problems that concern the whole dataset."""
+
+MAX_VOXELS = 2**28
+"""Largest volume read (268 M voxels, 1 GiB as float32; a BraTS volume has 8.9 M)."""
+
+_DEFLATE_MAX_RATIO = 1032
+"""Deflate cannot compress better than about 1032:1 (258-byte matches coded in ~2 bits), so a
+``.nii.gz`` of n bytes holds at most ~1032 n bytes of header and voxels."""
+
+INCOMPLETE_HINT = (
+    "incomplete data: check-data --allow-missing, or allow_missing true in the training config's "
+    "dataset section; predict always accepts absent sequences"
+)
 
 
 @dataclass(frozen=True)
@@ -50,17 +68,94 @@ class Problem:
         return f"case {self.case}: {self.file}: {self.rule} — found {self.value}"
 
 
-def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(path)
+class _HeaderProblem(ValueError):
+    def __init__(self, rule: str, value: str) -> None:
+        super().__init__(f"{rule}: {value}")
+        self.rule, self.value = rule, value
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"  # not reached
+
+
+def open_volume(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file and check its header against the file before any voxel is read.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The image (voxels not loaded; ``img.dataobj`` is lazy).
+
+    Raises:
+        ValueError: the header declares more than :data:`MAX_VOXELS` voxels, or more bytes than
+            the file can hold (uncompressed: its size; gzipped: ~1032 times its size); the message
+            names the rule and what the header declares.
+        Exception: whatever nibabel raises for a file that is not NIfTI.
+    """
+    img = nib.load(str(path))
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    n_vox = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    dims = "×".join(map(str, shape))
+    if n_vox > MAX_VOXELS:
+        raise _HeaderProblem(
+            f"volume within {MAX_VOXELS} voxels", f"header declares {dims} = {n_vox} voxels"
+        )
+    itemsize = img.header.get_data_dtype().itemsize
+    needed = int(img.header.get_data_offset()) + n_vox * itemsize
+    size = os.path.getsize(path)
+    room = size * _DEFLATE_MAX_RATIO + 4096 if str(path).endswith(".gz") else size
+    if needed > room:
+        kind = "gzip-compressed" if str(path).endswith(".gz") else "uncompressed"
+        raise _HeaderProblem(
+            "header's volume fits the file size",
+            f"header declares {dims} {img.header.get_data_dtype()} ({_fmt_bytes(needed)}) but the "
+            f"{kind} file has {size} bytes",
+        )
+    return img
+
+
+def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of a 3-D NIfTI file, header checked first (:func:`open_volume`).
+
+    A trailing axis of length 1, ``(X, Y, Z, 1)``, is squeezed (as MONAI's loaders do).
+    """
+    img = open_volume(path)
     data = np.asanyarray(img.dataobj)  # reads (and decompresses) the whole file
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     return data, img.affine
 
 
-def _check_case(
-    item: dict, split: str, et_label: int, allow_missing: bool, affine_tol: float
+
+def check_case(
+    item: dict,
+    split: str = "testing",
+    et_label: int = 4,
+    allow_missing: bool = True,
+    affine_tol: float = 1e-3,
+    labels: bool = True,
 ) -> list[Problem]:
+    """Every problem of one case (empty list: valid); reads each listed file once.
+
+    Args:
+        item: case dict from :func:`segmerge.data.load_dataset`.
+        split: ``"training"`` / ``"validation"`` cases must have a label.
+        et_label: enhancing-tumour label value of the label maps.
+        allow_missing: tolerate sequences that are not given (``None``); a listed path that does
+            not exist is always a problem.
+        affine_tol: largest tolerated affine difference (mm) between the case's files.
+        labels: also check the label file (``predict`` reads only the sequences).
+
+    Returns:
+        The problems, each naming the case, the file, the rule and what was found.
+    """
+    if not labels:
+        item = {k: v for k, v in item.items() if k != "label"}
     case = str(item.get("case_id", "?"))
     problems: list[Problem] = []
 
@@ -77,19 +172,16 @@ def _check_case(
             continue
         if path is None:
             if not allow_missing:
-                add(
-                    key,
-                    "every modality present (use --allow-missing for incomplete data)",
-                    "not listed",
-                )
+                add(key, f"every modality present ({INCOMPLETE_HINT})", "not listed")
             continue
         if not Path(path).is_file():
-            if allow_missing and key != "label":
-                continue
             add(str(path), "file exists", "no such file")
             continue
         try:
-            data, affine = _load(str(path))
+            data, affine = load_volume(str(path))
+        except _HeaderProblem as e:
+            add(str(path), e.rule, e.value)
+            continue
         except Exception as e:  # nibabel raises many types for corrupt files
             add(str(path), "file loads", f"{type(e).__name__}: {e}".strip()[:200])
             continue
@@ -217,7 +309,7 @@ def validate_dataset(
     from tqdm.auto import tqdm
 
     def check(pair: tuple[str, dict]) -> list[Problem]:
-        return _check_case(pair[1], pair[0], et_label, allow_missing, affine_tol)
+        return check_case(pair[1], pair[0], et_label, allow_missing, affine_tol)
 
     bar = tqdm(total=len(items), desc="check-data", unit="case", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:

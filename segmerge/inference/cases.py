@@ -1,32 +1,33 @@
-"""Find the cases to predict in a BraTS-layout folder or a Decathlon-style datalist.
+"""The cases to predict, read by :func:`segmerge.data.load_dataset` (the one dataset reader).
 
 Prediction inputs differ from training inputs in two ways that matter here: a case may have only
 some of the four sequences (the network takes an availability mask), and labels are optional.
-So discovery never fails on a single case: each case comes back either with the sequences that
-were found or with the reason it cannot be predicted, and the caller reports it and goes on.
+So discovery reads the dataset with ``allow_missing=True`` and no validation split, exactly as
+``train`` and ``check-data`` read it (same layouts, BraTS 2021 and 2023 names and datalist keys,
+same case-id rule, same refusal of duplicate ids and broken ``dataset.json`` files); every case
+then goes through :func:`segmerge.data.check_case`, the validation ``check-data`` and training
+run, before it is predicted (see :meth:`segmerge.inference.BratsPredictor.check_inputs`).
 
-Accepted inputs (see ``/work/shared/docs/conventions.md``):
-
-- a folder of case folders, BraTS 2021 (``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``) or
-  BraTS 2023 (``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz``) naming, detected per file;
-- a datalist JSON ``{"training": [...], "validation": [...], "testing": [...]}`` whose items map
-  modality names (and optionally ``label`` and ``case_id``) to paths relative to the JSON's folder;
-- a folder holding ``dataset.json`` and no case folders is read as that datalist.
+Accepted inputs: a BraTS 2021 / 2023 folder of case folders, a datalist JSON, or a folder holding
+``dataset.json`` (see :func:`segmerge.data.load_dataset`). A subfolder that holds no case files is
+reported as a case that cannot be predicted (a misnamed case must not vanish silently), except
+the prediction output folder itself.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from segmerge.conventions import BRATS2021_SUFFIX, BRATS2023_SUFFIX, MODALITIES
+from segmerge.data import load_dataset
 
 __all__ = ["CaseInputs", "discover_cases", "case_id_from_path"]
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-DATALIST_SECTIONS = ("training", "validation", "testing")
 
 
 @dataclass
@@ -34,10 +35,10 @@ class CaseInputs:
     """One case to predict.
 
     Attributes:
-        case_id: name used for ``<output>/<case_id>.nii.gz``.
-        images: modality name -> image path, only for the sequences that were found.
-        label: ground-truth path if the layout provides one.
-        problem: why this case cannot be predicted (``None`` when it can).
+        case_id: name used for ``<output>/<case_id>.nii.gz`` (follows the case-id rule).
+        images: modality name -> image path, only for the sequences the dataset gives.
+        label: ground-truth path if the dataset provides one.
+        problem: why this case cannot be predicted (``None`` when it may be).
     """
 
     case_id: str
@@ -49,6 +50,15 @@ class CaseInputs:
     def available(self) -> tuple[bool, ...]:
         """Availability flags in ``MODALITIES`` order."""
         return tuple(m in self.images for m in MODALITIES)
+
+    @property
+    def item(self) -> dict:
+        """The case as a :mod:`segmerge.data` case dict (absent sequences ``None``)."""
+        out: dict = {"case_id": self.case_id}
+        out.update({m: str(self.images[m]) if m in self.images else None for m in MODALITIES})
+        if self.label is not None:
+            out["label"] = str(self.label)
+        return out
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -69,118 +79,48 @@ def case_id_from_path(path: str | Path) -> str:
     return match.group(1) if match else stem
 
 
-def _case_from_folder(folder: Path) -> CaseInputs:
-    case = CaseInputs(case_id=folder.name)
-    files = {}
-    for f in sorted(folder.iterdir()):
-        stem = _strip_nifti(f.name)
-        if stem is not None and f.is_file():
-            files[stem] = f
-    # BraTS 2021 names files <case>_<suffix>, BraTS 2023 <case>-<suffix>; accept either per file.
-    for key in (*MODALITIES, "label"):
-        for sep, table in (("_", BRATS2021_SUFFIX), ("-", BRATS2023_SUFFIX)):
-            stem = f"{folder.name}{sep}{table[key]}"
-            if stem in files:
-                if key == "label":
-                    case.label = files[stem]
-                else:
-                    case.images[key] = files[stem]
-                break
-    if not case.images:
-        expected = ", ".join(f"{folder.name}_{BRATS2021_SUFFIX[m]}.nii.gz" for m in MODALITIES)
-        case.problem = (
-            f"case {folder.name}: no input sequence found in {folder} "
-            f"(expected at least one of {expected}, or the BraTS 2023 -t2f/-t1n/-t1c/-t2w names)"
-        )
-    return case
+def _case(item: dict) -> CaseInputs:
+    return CaseInputs(
+        case_id=item["case_id"],
+        images={m: Path(item[m]) for m in MODALITIES if item.get(m) is not None},
+        label=Path(item["label"]) if item.get("label") else None,
+    )
 
 
-def _cases_from_datalist(path: Path) -> list[CaseInputs]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read datalist JSON ({err})") from err
-    if not isinstance(content, dict) or not any(s in content for s in DATALIST_SECTIONS):
-        raise ValueError(
-            f"{path}: a datalist must be a JSON object with at least one of the lists "
-            f"{DATALIST_SECTIONS}, found {type(content).__name__}"
-            + (f" with keys {sorted(content)}" if isinstance(content, dict) else "")
-        )
-    root = path.parent
-    cases: list[CaseInputs] = []
-    seen: set[str] = set()
-    for section in DATALIST_SECTIONS:
-        items = content.get(section, [])
-        if not isinstance(items, list):
-            raise ValueError(
-                f"{path}: '{section}' must be a list of cases, found {type(items).__name__}"
-            )
-        for index, item in enumerate(items):
-            where = f"{path} {section}[{index}]"
-            if not isinstance(item, dict):
-                cases.append(CaseInputs(f"{section}_{index}", problem=f"{where}: not an object"))
-                continue
-            first = next(
-                (item[k] for k in (*MODALITIES, "label") if isinstance(item.get(k), str)), None
-            )
-            case_id = str(
-                item.get("case_id") or (case_id_from_path(first) if first else f"{section}_{index}")
-            )
-            if case_id in seen:
-                continue  # listed in two sections: predict once
-            seen.add(case_id)
-            case = CaseInputs(case_id)
-            missing_files = []
-            for key in (*MODALITIES, "label"):
-                value = item.get(key)
-                if value is None:
-                    continue
-                full = (root / value) if not Path(value).is_absolute() else Path(value)
-                if not full.is_file():
-                    # A listed path that does not exist is a mistake in the datalist, not an
-                    # absent sequence: reporting it beats silently predicting with fewer inputs.
-                    missing_files.append(f"{key} file {full} does not exist")
-                elif key == "label":
-                    case.label = full
-                else:
-                    case.images[key] = full
-            if missing_files:
-                case.problem = f"case {case_id} ({where}): " + "; ".join(missing_files)
-            elif not case.images:
-                case.problem = (
-                    f"case {case_id} ({where}): lists none of the sequences {', '.join(MODALITIES)}"
-                )
-            cases.append(case)
-    return cases
-
-
-def discover_cases(path: str | Path) -> list[CaseInputs]:
-    """List the cases of a BraTS-layout folder or datalist, in a stable (sorted) order.
+def discover_cases(
+    path: str | Path, exclude: Sequence[str | os.PathLike] = ()
+) -> list[CaseInputs]:
+    """List the cases of a BraTS-layout folder or datalist, in the dataset's (sorted) order.
 
     Args:
-        path: a datalist JSON file, a folder of BraTS case folders, or a folder whose only
-            description is a ``dataset.json`` datalist.
+        path: a datalist JSON file, a folder of BraTS case folders, or a folder holding
+            ``dataset.json``.
+        exclude: folders not to read as cases (the prediction output folder).
 
     Returns:
-        One :class:`CaseInputs` per case; cases that cannot be predicted carry ``problem``.
+        One :class:`CaseInputs` per case (training, validation and testing items of a datalist,
+        labelled and unlabelled case folders), then one with ``problem`` set per subfolder that
+        holds no case files.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is neither a datalist nor a folder with case folders.
+        ValueError: (:class:`segmerge.data.DatasetError`) ``path`` is no dataset, its datalist is
+            unreadable or names an unknown key, a case id breaks the rule or two cases share one.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"input {path} does not exist (expected a BraTS folder or a datalist JSON)"
         )
-    if path.is_file():
-        return _cases_from_datalist(path)
-    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        if (path / "dataset.json").is_file():
-            return _cases_from_datalist(path / "dataset.json")
-        raise ValueError(
-            f"input {path}: no case folders found (expected <case>/<case>_flair.nii.gz ... or a "
-            "datalist JSON)"
+    spec = load_dataset(path, allow_missing=True, val_fraction=0.0, exclude=exclude)
+    cases = [_case(item) for item in spec.all_items()]
+    for folder in spec.ignored:
+        expected = ", ".join(f"{folder.name}_{BRATS2021_SUFFIX[m]}.nii.gz" for m in MODALITIES)
+        cases.append(
+            CaseInputs(
+                folder.name,
+                problem=f"{folder}: not a case folder, no input sequence found (expected at least "
+                f"one of {expected}, or the BraTS 2023 -t2f/-t1n/-t1c/-t2w names)",
+            )
         )
-    return [_case_from_folder(folder) for folder in folders]
+    return cases
