@@ -81,8 +81,11 @@ def test_subsets_are_predicted_through_the_mask_and_failures_reported(mixed, tmp
 
     errors = {r.case_id: r.error for r in report.failures}
     assert "corrupt_flair.nii.gz" in errors["corrupt"]
-    assert "t2 has shape 20x22x10 but flair has 20x22x18" in errors["mismatch"]
-    assert "t1 and flair have different affines" in errors["shifted"]
+    # the messages of segmerge.data.check_case, the validation check-data and train run
+    assert "shape matches the case's other files — found t2 20×22×10 but flair 20×22×18" in (
+        errors["mismatch"]
+    )
+    assert "affine matches the case's other files" in errors["shifted"]
     summary = report.summary()
     for case_id in ("empty", "corrupt", "mismatch", "shifted"):
         assert case_id in summary
@@ -103,9 +106,13 @@ def test_existing_predictions_are_kept_unless_overwrite(tmp_path):
     out.mkdir()
     sentinel = nib.Nifti1Image(np.full((20, 22, 18), 7, np.uint8), affine)
     nib.save(sentinel, out / "a.nii.gz")
+    # a complete earlier prediction: label map + its sidecar (damaged ones: test_reliability_data)
+    sidecar = {"prediction": "a.nii.gz", "shape": [20, 22, 18], "sequences_used": ["t2"]}
+    (out / "a.json").write_text(json.dumps(sidecar))
 
     report = make_predictor().predict_dataset(root, out)
     assert [r.status for r in report.results] == ["kept"]
+    assert report.results[0].used == ("t2",)  # what the kept prediction was made from
     assert np.all(np.asarray(nib.load(out / "a.nii.gz").dataobj) == 7)
 
     report = make_predictor(overwrite=True).predict_dataset(root, out)
@@ -143,7 +150,7 @@ def test_datalist_input_with_relative_paths(tmp_path):
     report = make_predictor().predict_dataset(root / "list.json", tmp_path / "out")
     status = {r.case_id: r.status for r in report.results}
     assert status == {"c1": "predicted", "ghost": "failed"}
-    assert "c9_flair.nii.gz does not exist" in report.failures[0].error
+    assert "c9_flair.nii.gz: file exists — found no such file" in report.failures[0].error
     used = json.loads((tmp_path / "out" / "c1.json").read_text())["sequences_used"]
     assert used == ["flair", "t1ce", "t2"]
 

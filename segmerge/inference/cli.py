@@ -86,15 +86,17 @@ def predict_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     from segmerge.inference.bundle import build_predictor  # heavy imports after --help
+    from segmerge.inference.predictor import check_device
 
     try:
+        if args.device:
+            check_device(args.device)  # before the config moves the network there
         extra: dict[str, Any] = {"overwrite": args.overwrite, "probabilities": args.probabilities}
         predictor = build_predictor(args.config, **_predictor_overrides(args, **extra))
-        report = predictor.predict_dataset(args.input, args.output)
+        report = predictor.predict_dataset(args.input, args.output)  # logs its summary once
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"segmerge predict: error: {err}", file=sys.stderr)
         return 2
-    print(report.summary())
     return 1 if report.failures else 0
 
 

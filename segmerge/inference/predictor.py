@@ -29,8 +29,9 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from segmerge.atomic import atomic_destination, write_text_atomic
+from segmerge.atomic import atomic_destination, inside, write_text_atomic
 from segmerge.conventions import MODALITIES, REGIONS, check_et_label, regions_to_labels
+from segmerge.data import check_case, load_volume, open_volume
 from segmerge.inference.cases import CaseInputs, discover_cases
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "load_weights",
     "atomic_save_nifti",
     "atomic_write_text",
+    "check_device",
     "probabilities_path",
 ]
 
@@ -57,8 +59,29 @@ class PredictionFailed(SystemExit):
 
 
 def probabilities_path(output_dir: str | Path, case_id: str) -> Path:
-    """Where the optional probability map of ``case_id`` is written."""
-    return Path(output_dir) / f"{case_id}{PROBABILITIES_SUFFIX}.nii.gz"
+    """Where the optional probability map of ``case_id`` is written (inside ``output_dir``)."""
+    return inside(output_dir, f"{case_id}{PROBABILITIES_SUFFIX}.nii.gz")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, refused with a clear message when that device does not exist.
+
+    Raises:
+        ValueError: not a device name, CUDA asked for where torch sees none, or a CUDA index
+            beyond the visible devices.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1 ...)") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but torch sees no CUDA device (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} requested but torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -150,6 +173,8 @@ class CaseResult:
         used: sequences given to the network (``MODALITIES`` order).
         error: why the case failed.
         seconds: wall time split into ``read``, ``inference``, ``write``.
+        replaced: why an earlier output of this case was predicted again without ``--overwrite``
+            (damaged or incomplete), if it was.
     """
 
     case_id: str
@@ -157,6 +182,7 @@ class CaseResult:
     used: tuple[str, ...] = ()
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    replaced: str | None = None
 
 
 @dataclass
@@ -185,6 +211,9 @@ class PredictionReport:
         ]
         for r in partial:
             lines.append(f"  {r.case_id}: predicted from {'+'.join(r.used)} only")
+        for r in self.results:
+            if r.replaced:
+                lines.append(f"  {r.case_id}: predicted again, the earlier output was {r.replaced}")
         if self.failures:
             lines.append("failed cases:")
             lines += [f"  {r.case_id}: {r.error}" for r in self.failures]
@@ -229,7 +258,7 @@ class BratsPredictor:
         image_key: str = "image",
         pred_key: str = "pred",
     ) -> None:
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.network = network.to(self.device)
         self.model_path = Path(model_path) if model_path is not None else None
         if self.model_path is not None:
@@ -251,46 +280,24 @@ class BratsPredictor:
 
     # -- one case, in steps that evaluation reuses ------------------------------------------------
     def check_inputs(self, case: CaseInputs) -> nib.Nifti1Image:
-        """Read the headers of ``case`` and return the reference image (first available sequence).
+        """Validate ``case`` and return the reference image (first available sequence).
+
+        The check is :func:`segmerge.data.check_case`, the one ``check-data`` and training run
+        (header against file size, 3-D or ``(X, Y, Z, 1)``, one grid, finite and non-constant
+        intensities); labels are not read.
 
         Raises:
-            ValueError: no sequence, a file that is not 3D NIfTI, or sequences on different grids.
+            ValueError: every problem of the case, each naming the file and the rule.
         """
         if case.problem:
             raise ValueError(case.problem)
-        if not case.images:
-            raise ValueError(f"case {case.case_id}: no input sequence")
+        problems = check_case(
+            case.item, "testing", self.et_label, True, AFFINE_TOLERANCE_MM, labels=False
+        )
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
         ref_key = next(m for m in MODALITIES if m in case.images)
-        headers = {}
-        for key in MODALITIES:
-            if key not in case.images:
-                continue
-            path = case.images[key]
-            try:
-                img = nib.load(str(path))
-            except Exception as err:  # nibabel raises many types on damaged files
-                raise ValueError(
-                    f"case {case.case_id}: {key} file {path} is not readable NIfTI ({err})"
-                ) from err
-            if len(img.shape) != 3:
-                raise ValueError(
-                    f"case {case.case_id}: {key} file {path} must be a 3D volume, got shape {img.shape}"
-                )
-            headers[key] = img
-        ref = headers[ref_key]
-        for key, img in headers.items():
-            if img.shape != ref.shape:
-                raise ValueError(
-                    f"case {case.case_id}: {key} has shape {'x'.join(map(str, img.shape))} but {ref_key} "
-                    f"has {'x'.join(map(str, ref.shape))} (sequences must be co-registered on one grid)"
-                )
-            diff = float(np.abs(img.affine - ref.affine).max())
-            if diff > AFFINE_TOLERANCE_MM:
-                raise ValueError(
-                    f"case {case.case_id}: {key} and {ref_key} have different affines (largest "
-                    f"difference {diff:.4g} > {AFFINE_TOLERANCE_MM}); sequences must be co-registered"
-                )
-        return ref
+        return open_volume(case.images[ref_key])
 
     def prepare(self, case: CaseInputs) -> dict[str, Any]:
         """Load and preprocess the sequences of ``case`` (network-space image + availability)."""
@@ -353,13 +360,15 @@ class BratsPredictor:
         """Predict one case into ``output_dir``; never raises for problems of the case itself."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        target = output_dir / f"{case.case_id}.nii.gz"
-        if target.exists() and not self.overwrite:
-            return CaseResult(
-                case.case_id, "kept", tuple(m for m in MODALITIES if m in case.images)
-            )
         seconds: dict[str, float] = {}
+        replaced = None
         try:
+            target = inside(output_dir, f"{case.case_id}.nii.gz")
+            if target.exists() and not self.overwrite:
+                replaced = self._damaged(case.case_id, output_dir)
+                if replaced is None:
+                    return CaseResult(case.case_id, "kept", tuple(self._kept_used(case, output_dir)))
+                logger.warning("%s: earlier output %s: predicting again", case.case_id, replaced)
             t0 = time.perf_counter()
             ref = self.check_inputs(case)
             data = self.prepare(case)
@@ -374,7 +383,9 @@ class BratsPredictor:
             seconds = {"read": t1 - t0, "inference": t2 - t1, "write": t3 - t2}
         except Exception as err:  # one bad case must not stop the others; reported in the summary
             logger.error("%s: failed: %s", case.case_id, err)
-            return CaseResult(case.case_id, "failed", error=str(err), seconds=seconds)
+            return CaseResult(
+                case.case_id, "failed", error=str(err), seconds=seconds, replaced=replaced
+            )
         logger.info(
             "%s: predicted from %s in %.2f s -> %s",
             case.case_id,
@@ -382,7 +393,42 @@ class BratsPredictor:
             sum(seconds.values()),
             target,
         )
-        return CaseResult(case.case_id, "predicted", used, seconds=seconds)
+        return CaseResult(case.case_id, "predicted", used, seconds=seconds, replaced=replaced)
+
+    def _damaged(self, case_id: str, output_dir: Path) -> str | None:
+        """Why the existing outputs of ``case_id`` are not a complete prediction, or ``None``.
+
+        Complete: the sidecar ``.json`` parses and names the label map, the label map passes the
+        header check and decompresses entirely to the recorded shape, and the probability map
+        exists when this run writes one. Anything else (a run killed by a full disk between the
+        two files, a truncated file) is predicted again rather than kept.
+        """
+        sidecar_path = inside(output_dir, f"{case_id}.json")
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except FileNotFoundError:
+            return f"incomplete ({sidecar_path.name} missing)"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"incomplete ({sidecar_path.name} unreadable: {type(err).__name__})"
+        if not isinstance(sidecar, dict) or sidecar.get("prediction") != f"{case_id}.nii.gz":
+            return f"incomplete ({sidecar_path.name} does not describe {case_id}.nii.gz)"
+        try:
+            labels, _ = load_volume(inside(output_dir, f"{case_id}.nii.gz"))
+        except Exception as err:  # nibabel/gzip raise many types for truncated files
+            return f"damaged ({case_id}.nii.gz unreadable: {type(err).__name__}: {err})"[:300]
+        if list(labels.shape) != list(sidecar.get("shape", labels.shape))[:3]:
+            return f"damaged ({case_id}.nii.gz has shape {list(labels.shape)}, sidecar says {sidecar.get('shape')})"
+        if self.probabilities and not probabilities_path(output_dir, case_id).is_file():
+            return f"incomplete ({probabilities_path(output_dir, case_id).name} missing)"
+        return None
+
+    @staticmethod
+    def _kept_used(case: CaseInputs, output_dir: Path) -> list[str]:
+        try:
+            used = json.loads(inside(output_dir, f"{case.case_id}.json").read_text())
+            return [m for m in MODALITIES if m in used.get("sequences_used", [])]
+        except (OSError, ValueError, AttributeError):
+            return [m for m in MODALITIES if m in case.images]
 
     def _write(
         self,
@@ -393,7 +439,8 @@ class BratsPredictor:
         output_dir: Path,
     ) -> None:
         labels = self.to_labels(probs)
-        if labels.shape != tuple(ref.shape):
+        grid = tuple(ref.shape[:3])  # an (X, Y, Z, 1) input gets an (X, Y, Z) label map
+        if labels.shape != grid:
             raise RuntimeError(
                 f"case {case.case_id}: prediction has shape {labels.shape} but the input has {ref.shape} "
                 "(spatial inversion failed)"
@@ -402,13 +449,15 @@ class BratsPredictor:
         # keeps those fields as they are instead of re-deriving them, so the affine reads back equal.
         header = ref.header.copy()
         header.set_data_dtype(np.uint8)
+        header.set_data_shape(grid)
         header["descrip"] = b"segmerge BraTS labels"
         atomic_save_nifti(
-            nib.Nifti1Image(labels, None, header), output_dir / f"{case.case_id}.nii.gz"
+            nib.Nifti1Image(labels, None, header), inside(output_dir, f"{case.case_id}.nii.gz")
         )
         if self.probabilities:
             prob_header = ref.header.copy()
             prob_header.set_data_dtype(np.float32)
+            prob_header.set_data_shape((*grid, len(REGIONS)))
             prob_header["descrip"] = ("segmerge region probabilities " + ",".join(REGIONS)).encode()
             volume = np.moveaxis(probs.cpu().numpy().astype(np.float32), 0, -1)
             atomic_save_nifti(
@@ -429,9 +478,11 @@ class BratsPredictor:
             else None,
             "model": str(self.model_path) if self.model_path else None,
             "model_sha256": self._model_sha256(),
-            "shape": list(ref.shape),
+            "shape": list(grid),
         }
-        atomic_write_text(output_dir / f"{case.case_id}.json", json.dumps(sidecar, indent=2) + "\n")
+        atomic_write_text(
+            inside(output_dir, f"{case.case_id}.json"), json.dumps(sidecar, indent=2) + "\n"
+        )
 
     def _model_sha256(self) -> str | None:
         if self.model_path is None:
@@ -449,13 +500,19 @@ class BratsPredictor:
         """
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        cases = discover_cases(dataset_dir)
-        logger.info("predicting %d case(s) from %s on %s", len(cases), dataset_dir, self.device)
+        cases = discover_cases(dataset_dir, exclude=[output_dir])
+        logger.info(
+            "predicting %d case(s) from %s on %s with weights %s",
+            len(cases),
+            dataset_dir,
+            self.device,
+            self.model_path if self.model_path else "as given (no model_path)",
+        )
         report = PredictionReport(output_dir)
         for case in cases:
             report.results.append(self.predict_case(case, output_dir))
         self.last_report = report
-        logger.info("%s", report.summary())
+        logger.info("%s", report.summary())  # the one summary (the CLI does not print it again)
         return report
 
     def raise_on_failures(self) -> None:
