@@ -10,6 +10,12 @@ Lookup order, the same for ``train``, ``compare``, ``predict`` and ``evaluate``:
    silently replaced by another folder);
 2. ``./configs`` when it holds the file (a copy of the bundle you run from);
 3. the ``configs/`` of the checkout this package was imported from.
+
+The bundle *root* (``models/model.pt``) follows one rule too, :func:`bundle_root`: ``train``
+writes into the current folder (``bundle_root`` ``.`` in ``train.json``), and ``predict``,
+``evaluate`` and the bundle's ``inference.json`` read the current folder's ``models/model.pt``
+when it has one; otherwise the root of the configs folder in use. An explicit ``--config FILE``
+means the bundle that holds that file.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CONFIGS_ENV", "CHECKOUT", "config_dir", "config_file"]
+__all__ = ["CONFIGS_ENV", "CHECKOUT", "MODEL_FILE", "bundle_root", "config_dir", "config_file"]
 
 CONFIGS_ENV = "SEGMERGE_CONFIGS"
 CHECKOUT = Path(__file__).resolve().parents[1]
 """The folder holding the package; the bundle root when running from a checkout."""
+MODEL_FILE = Path("models") / "model.pt"
+"""The published weights, relative to the bundle root."""
 
 
 def config_dir(needs: str = "train.json") -> Path:
@@ -53,3 +61,20 @@ def config_dir(needs: str = "train.json") -> Path:
 def config_file(name: str) -> Path:
     """``config_dir(name) / name``: e.g. ``config_file("inference.json")``."""
     return config_dir(name) / name
+
+
+def bundle_root(config: str | os.PathLike | None = None, needs: str = "inference.json") -> Path:
+    """The bundle root whose ``models/model.pt`` a command uses (see the module docstring).
+
+    Args:
+        config: a config file named explicitly (``--config``): its bundle (the folder above its
+            ``configs/``) is the root. ``None``: the current folder when it holds
+            ``models/model.pt`` or ``configs/<needs>``, else the root of :func:`config_dir`.
+        needs: the config file the command reads (for the lookup of :func:`config_dir`).
+    """
+    if config is not None:
+        return Path(config).expanduser().resolve().parent.parent
+    here = Path.cwd()
+    if (here / MODEL_FILE).is_file() or (here / "configs" / needs).is_file():
+        return here
+    return config_dir(needs).resolve().parent

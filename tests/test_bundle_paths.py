@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from segmerge.bundle_paths import CHECKOUT, CONFIGS_ENV, config_dir, config_file
+from segmerge.bundle_paths import CHECKOUT, CONFIGS_ENV, bundle_root, config_dir, config_file
 from segmerge.engine.config import default_config_dir
 from segmerge.inference.bundle import load_bundle_config
 
@@ -75,3 +75,20 @@ def test_a_regular_install_needs_and_uses_segmerge_configs(tmp_path):
                   "--model", str(weights), **pointed)  # fmt: skip
     assert predict.returncode != 0
     assert "none.pt" in predict.stderr and "inference.json" not in predict.stderr, predict.stderr
+
+
+def test_the_current_folders_weights_win_over_the_checkouts(tmp_path, monkeypatch):
+    """Issue 16 item 4: `train` writes ./models/model.pt; predict/evaluate must read that one, not
+    the checkout's, and an explicit --config means the bundle that holds it."""
+    monkeypatch.delenv(CONFIGS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert bundle_root() == ROOT  # nothing here: the checkout's bundle
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"weights")
+    assert bundle_root() == tmp_path
+    parser = load_bundle_config()
+    assert Path(parser.get_parsed_content("model_path")) == tmp_path / "models" / "model.pt"
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "configs", other / "configs")
+    explicit = load_bundle_config(other / "configs" / "inference.json")
+    assert Path(explicit["bundle_root"]) == other.resolve()

@@ -11,7 +11,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from segmerge.bundle_paths import config_file
+from segmerge.bundle_paths import bundle_root, config_file
 from segmerge.inference.predictor import BratsPredictor
 
 __all__ = ["default_config", "load_bundle_config", "build_predictor"]
@@ -36,6 +36,7 @@ def load_bundle_config(
     Returns:
         The parser, not yet instantiated.
     """
+    explicit = config_file is not None
     config_file = Path(config_file) if config_file is not None else default_config()
     if not config_file.is_file():
         raise FileNotFoundError(f"bundle config {config_file} not found (pass --config PATH)")
@@ -44,8 +45,8 @@ def load_bundle_config(
     meta = config_file.parent / "metadata.json"
     if meta.is_file():
         parser.read_meta(str(meta))
-    # the bundle root is the folder holding configs/, as `--bundle_root` on the monai.bundle line
-    parser["bundle_root"] = str(config_file.resolve().parent.parent)
+    # one rule for train, predict, evaluate and the bundle (segmerge.bundle_paths.bundle_root)
+    parser["bundle_root"] = str(bundle_root(config_file if explicit else None, "inference.json"))
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
