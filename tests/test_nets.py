@@ -165,7 +165,7 @@ def test_bad_configuration_raises_clear_errors():
 
 
 def test_registry_builds_and_suggests():
-    assert set(NETWORKS) == {"multimodal", "dynunet"}
+    assert set(NETWORKS) == {"multimodal", "late", "shared", "dynunet"}
     assert isinstance(build_network("multimodal", **TINY), MultiModalDSNet)
     with pytest.raises(ValueError, match="did you mean 'dynunet'"):
         build_network("dynunett")

@@ -79,7 +79,7 @@ def test_names_and_heads():
         "modality.t2",
     ]
     assert [head_of(n) for n in objective_names(depths=1)] == ["fused", *MODALITIES]
-    with pytest.raises(ValueError, match="neither 'fused.d<depth>'"):
+    with pytest.raises(ValueError, match="is not 'fused.d<l>'"):
         head_of("fusd.d0")
 
 

@@ -11,6 +11,9 @@ Structure (parameter-name prefixes in brackets, so the training step can read th
     heads   [heads.d<l>]       fused.d<l> = 1x1x1 conv of h_l, l = 0 .. deep_supervision-1
     aux     [aux_heads.<m>]    modality.<m>: a light decoder on E_m only (levels L .. aux_level)
                                predicting the regions at resolution 1/2^aux_level
+            [aux_decoder]      aux_decoder="shared" (RFNet's decoder_sep, mmFormer, M2FTrans): ONE
+                               such decoder, its weights shared by all modalities, applied to each
+                               modality's features E_m in turn
 
 Train mode returns every head by name; eval mode returns only ``fused.d0`` (full resolution)
 and computes neither the coarser fused heads nor the auxiliary decoders.
@@ -37,6 +40,7 @@ __all__ = ["MultiModalDSNet", "ModalityEncoder", "AuxDecoder"]
 
 FUSIONS = ("mean", "max")
 STEMS = ("conv", "block")
+AUX_DECODERS = ("separate", "shared")
 
 
 class ModalityEncoder(nn.Module):
@@ -180,7 +184,12 @@ class MultiModalDSNet(nn.Module):
         aux_level: resolution level of the auxiliary modality heads (0 = full resolution,
             1 = half, ...); lower is more accurate and more expensive. Default 2 (quarter).
         act: MONAI activation spec. Default leaky ReLU (slope 0.01), as in nnU-Net.
+        aux_decoder: ``"separate"`` (one auxiliary decoder per modality, the default) or
+            ``"shared"`` (one decoder whose weights every modality's head uses, RFNet style:
+            the ``modality.*`` objectives then share the aux decoder's parameters).
     """
+
+    __constants__ = ["shared_aux"]  # a TorchScript constant: the unused aux branch is dropped
 
     def __init__(
         self,
@@ -194,8 +203,14 @@ class MultiModalDSNet(nn.Module):
         aux_level: int = 2,
         stem: str = "conv",
         act: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        aux_decoder: str = "separate",
     ) -> None:
         super().__init__()
+        if aux_decoder not in AUX_DECODERS:
+            raise ValueError(
+                f"aux_decoder must be one of {AUX_DECODERS}, got {aux_decoder!r}"
+                + suggest(aux_decoder, AUX_DECODERS)
+            )
         if fusion not in FUSIONS:
             raise ValueError(
                 f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
@@ -204,7 +219,7 @@ class MultiModalDSNet(nn.Module):
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}" + suggest(stem, STEMS))
         init_contract(
             self, modalities, out_channels, features, deep_supervision, norm, dropout,
-            fusion=fusion, aux_level=int(aux_level), stem=stem,
+            fusion=fusion, aux_level=int(aux_level), stem=stem, aux_decoder=aux_decoder,
         )  # fmt: skip
         mods, feats = self.modalities, self.features
         depth = len(feats) - 1
@@ -231,9 +246,24 @@ class MultiModalDSNet(nn.Module):
                 for level in range(self.deep_supervision)
             }
         )
+        self.aux_decoder_kind = aux_decoder
+        self.shared_aux = aux_decoder == "shared"
+        # "separate": aux_heads.<m>; "shared": one aux_decoder and an empty aux_heads (the
+        # scripted forward reads both attributes)
         self.aux_heads = nn.ModuleDict(
-            {m: AuxDecoder(feats, self.aux_level, self.out_channels, norm, act, drop) for m in mods}
+            {}
+            if self.shared_aux
+            else {
+                m: AuxDecoder(feats, self.aux_level, self.out_channels, norm, act, drop)
+                for m in mods
+            }
         )
+        self.aux_decoder = (
+            AuxDecoder(feats, self.aux_level, self.out_channels, norm, act, drop)
+            if self.shared_aux
+            else nn.Identity()
+        )
+        self.mod_list = list(mods)
 
     # ------------------------------------------------------------------ description
     def extra_repr(self) -> str:
@@ -255,10 +285,12 @@ class MultiModalDSNet(nn.Module):
 
     @torch.jit.unused
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Parameter names grouped by component: ``encoders.<m>``, ``aux_heads.<m>``, ``decoder``, ``heads``.
+        """Parameter names by component: ``encoders.<m>``, ``aux_heads.<m>`` (or ``aux_decoder``
+        when shared), ``decoder``, ``heads``.
 
-        ``modality.<m>`` reaches exactly ``encoders.<m>`` and ``aux_heads.<m>``; every
-        ``fused.d<l>`` reaches all encoders, part of the decoder and its own head.
+        ``modality.<m>`` reaches exactly ``encoders.<m>`` and ``aux_heads.<m>`` (with a shared
+        aux decoder: ``encoders.<m>`` and ``aux_decoder``); every ``fused.d<l>`` reaches all
+        encoders, part of the decoder and its own head.
         """
         groups: dict[str, list[str]] = {}
         for name, _ in self.named_parameters():
@@ -339,10 +371,14 @@ class MultiModalDSNet(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for level, head in enumerate(self.heads.values()):
             out["fused.d" + str(level)] = head(dec[level])
-        idx = 0
-        for name, aux in self.aux_heads.items():
-            out["modality." + name] = aux(per_mod[idx])
-            idx += 1
+        if self.shared_aux:
+            for idx, name in enumerate(self.mod_list):
+                out["modality." + name] = self.aux_decoder(per_mod[idx])
+        else:
+            idx = 0
+            for name, aux in self.aux_heads.items():
+                out["modality." + name] = aux(per_mod[idx])
+                idx += 1
         return out
 
     def forward(

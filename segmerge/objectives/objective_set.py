@@ -15,8 +15,20 @@ Depth weights (applied by scaling each ``fused.d<d>`` row):
   the same as with ``"equal"`` and only shifts weight toward full resolution.
 * a sequence of floats indexed by depth.
 
+Subset rows (``subsets=``, GMD's objectives): one row per modality subset S, the loss of the
+prediction fused from S alone, ``z_S = sum_{m in S} a_m z_m / max(1, sum_{m in S} a_m)`` (the
+mean of the *available* per-modality logits of S, ``a`` the availability mask), at each chosen
+depth. The per-modality logits are the network's ``modality.<m>[.d<l>]`` outputs, computed once
+per forward; each subset is re-fused from them (partial sums shared between subsets), never by
+another forward. ``subsets="all"`` gives the 2^M - 1 subsets, ``"singles+full"`` the M singletons
+and the full set, an int k draws k of the proper subsets per call plus the full set (see
+:meth:`ObjectiveSet.draw`). Rows are named ``subset.flair+t1ce`` (depth 0), ``subset.t2.d1``...
+(:mod:`segmerge.objectives.names`). In subset mode the fused rows are kept only at depths without
+subset rows (``fused=None``), since for a logit-fusion network ``fused.d<l>`` is the full set's
+subset row; a network with its own fused decoder (``MultiModalDSNet``) sets ``fused=True``.
+
 Missing modalities: a modality absent from every sample of the batch has no row (the names
-say which rows exist). A modality present in only some samples is averaged over those samples
+say which rows exist); likewise a subset none of whose modalities is in the batch. A modality present in only some samples is averaged over those samples
 only (a masked mean, no branching on tensor values). Fused rows average over all samples: the
 fused path handles missing inputs itself.
 """
@@ -25,16 +37,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from segmerge.conventions import MODALITIES
 from segmerge.objectives.losses import RESIZE_MODES, RegionLoss, resize_target
-from segmerge.objectives.names import FUSED, MODALITY, parse_name, suggest
+from segmerge.objectives.names import (
+    FUSED,
+    MODALITY,
+    SUBSET,
+    check_modality_names,
+    format_objective,
+    modality_subsets,
+    parse_objective,
+    suggest,
+)
 
-__all__ = ["DEPTH_WEIGHTINGS", "NamedLosses", "ObjectiveSet", "head_losses"]
+__all__ = ["DEPTH_WEIGHTINGS", "SUBSET_CHOICES", "NamedLosses", "ObjectiveSet", "head_losses"]
 
 DEPTH_WEIGHTINGS = ("equal", "nnunet")
+SUBSET_CHOICES = ("all", "singles+full")
+"""Named subset selections; an int k (draw k proper subsets per step plus the full set) too."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,14 @@ class ObjectiveSet:
         bce_weight: weight of the BCE term in every row. Default 1.
         target_resize: how targets are downsampled to coarser heads: ``"nearest"`` (nnU-Net),
             ``"max"`` or ``"area"`` (see :func:`resize_target`). Default ``"nearest"``.
+        subsets: None (rows per head: ``fused.d*``, ``modality.*``), ``"all"`` (every non-empty
+            modality subset), ``"singles+full"`` (each modality alone and all together) or an
+            int k (k proper subsets drawn per training call, plus the full set). Default None.
+        subset_depths: depths that get subset rows (None: every depth at which all modalities
+            have a head). Default None.
+        fused: whether ``fused.d*`` heads give rows: True, False, or None (every fused head
+            without subsets; with subsets only at depths that have no subset rows).
+        seed: seed of the subset draws (int ``subsets``); identical on every rank.
     """
 
     def __init__(
@@ -97,10 +129,45 @@ class ObjectiveSet:
         dice_weight: float = 1.0,
         bce_weight: float = 1.0,
         target_resize: str = "nearest",
+        subsets: str | int | None = None,
+        subset_depths: Sequence[int] | None = None,
+        fused: bool | None = None,
+        seed: int = 0,
     ) -> None:
-        self.modalities = tuple(str(m) for m in modalities)
-        if len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be unique, got {modalities!r}")
+        self.modalities = check_modality_names(modalities)
+        self._all_subsets = modality_subsets(self.modalities)
+        n_proper = len(self._all_subsets) - 1
+        if isinstance(subsets, str) and subsets.isdigit():
+            subsets = int(subsets)
+        if subsets is None or subsets in SUBSET_CHOICES:
+            pass
+        elif isinstance(subsets, int) and not isinstance(subsets, bool):
+            if not 1 <= subsets <= n_proper:
+                raise ValueError(
+                    f"subsets={subsets!r}: an int k must be between 1 and {n_proper} (the proper "
+                    f"non-empty subsets of {len(self.modalities)} modalities); use 'all' for all"
+                )
+        else:
+            raise ValueError(
+                f"subsets must be None, one of {SUBSET_CHOICES} or an int k, got {subsets!r}"
+                + suggest(str(subsets), SUBSET_CHOICES)
+            )
+        self.subsets = subsets
+        if subset_depths is not None:
+            depths = tuple(int(d) for d in subset_depths)
+            if not depths or any(d < 0 for d in depths) or len(set(depths)) != len(depths):
+                raise ValueError(
+                    f"subset_depths must list distinct depths >= 0, got {subset_depths!r}"
+                )
+            subset_depths = tuple(sorted(depths))
+        self.subset_depths = subset_depths
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, true or false, got {fused!r}")
+        self.fused = fused
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = int(seed)
+        self.draws = 0  # subset draws done so far (the checkpointable state)
         if isinstance(depth_weights, str):
             if depth_weights not in DEPTH_WEIGHTINGS:
                 raise ValueError(
@@ -127,8 +194,51 @@ class ObjectiveSet:
         return (
             f"ObjectiveSet(modalities={self.modalities!r}, depth_weights={self.depth_weights!r}, "
             f"dice_weight={self.loss.dice_weight!r}, bce_weight={self.loss.bce_weight!r}, "
-            f"target_resize={self.target_resize!r})"
+            f"target_resize={self.target_resize!r}, subsets={self.subsets!r}, "
+            f"subset_depths={self.subset_depths!r}, fused={self.fused!r}, seed={self.seed!r})"
         )
+
+    # ------------------------------------------------------------------ subsets
+    def subset_choice(self, draw: bool = False) -> list[tuple[str, ...]]:
+        """The subsets that get rows, in canonical order (:func:`modality_subsets`).
+
+        Args:
+            draw: for an int ``subsets``: draw k proper subsets (advancing :attr:`draws`);
+                when False every subset is returned (held-out losses).
+        """
+        if self.subsets is None:
+            return []
+        if self.subsets == "all" or (isinstance(self.subsets, int) and not draw):
+            return list(self._all_subsets)
+        if self.subsets == "singles+full":
+            return [s for s in self._all_subsets if len(s) in (1, len(self.modalities))]
+        return self.draw()
+
+    def draw(self) -> list[tuple[str, ...]]:
+        """Draw k proper subsets plus the full set for the next training call.
+
+        Draw n uses a generator seeded from ``(seed, n)`` only, so every rank (same seed, same
+        number of calls) draws the same subsets, and restoring :meth:`state_dict` (the count)
+        continues the sequence exactly.
+        """
+        k = int(self.subsets)  # type: ignore[arg-type]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
+        self.draws += 1
+        proper = self._all_subsets[:-1]
+        picked = sorted(torch.randperm(len(proper), generator=gen)[:k].tolist())
+        return [proper[i] for i in picked] + [self._all_subsets[-1]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state: the number of subset draws done (plain ints)."""
+        return {"draws": int(self.draws), "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (an empty dict resets the draws)."""
+        if state and int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"objectives state was drawn with seed {state['seed']}, this set has {self.seed}"
+            )
+        self.draws = int(state.get("draws", 0)) if state else 0
 
     # ------------------------------------------------------------------ weights and rows
     def depth_weight_values(self, depths: Sequence[int]) -> list[float]:
@@ -188,22 +298,34 @@ class ObjectiveSet:
                 f"{'' if batch is None else f' and B = {batch}'}, got shape {tuple(available.shape)}"
             )
 
-    def _split_outputs(self, outputs: Mapping[str, torch.Tensor]) -> tuple[list[int], list[str]]:
-        """Fused depths (sorted) and modalities (in order) that have a head in ``outputs``."""
+    def _split_outputs(
+        self, outputs: Mapping[str, torch.Tensor]
+    ) -> tuple[list[int], dict[int, list[str]]]:
+        """Fused depths (sorted) and, per depth, the modalities (in order) with a head there."""
         depths: list[int] = []
-        mods: set[str] = set()
+        mods: dict[int, set[str]] = {}
         for name in outputs:
-            kind, value = parse_name(name)
-            if kind == FUSED:
-                depths.append(int(value))
-            elif value not in self.modalities:
-                raise ValueError(
-                    f"output {name!r} names a modality outside {self.modalities}"
-                    + suggest(str(value), self.modalities)
-                )
+            try:
+                parsed = parse_objective(name)
+            except ValueError as err:
+                raise ValueError(f"output {name!r}: {err}") from None
+            if parsed.kind == FUSED:
+                depths.append(parsed.depth)
+            elif parsed.kind == MODALITY:
+                m = parsed.modalities[0]
+                if m not in self.modalities:
+                    raise ValueError(
+                        f"output {name!r} names a modality outside {self.modalities}"
+                        + suggest(m, self.modalities)
+                    )
+                mods.setdefault(parsed.depth, set()).add(m)
             else:
-                mods.add(str(value))
-        return sorted(depths), [m for m in self.modalities if m in mods]
+                raise ValueError(
+                    f"output {name!r}: networks output 'fused.d<l>' and 'modality.<m>[.d<l>]' "
+                    "heads; subset rows are made by the objective set"
+                )
+        ordered = {d: [m for m in self.modalities if m in mods[d]] for d in sorted(mods)}
+        return sorted(depths), ordered
 
     def _check_target(
         self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor
@@ -228,44 +350,138 @@ class ObjectiveSet:
         present: Iterable[str] | None,
         weighted: bool,
         fused_depths: Sequence[int] | None = None,
+        use_subsets: bool = True,
+        draw: bool = False,
     ) -> list[tuple[str, torch.Tensor]]:
         if not outputs:
             raise ValueError("outputs is empty: expected named heads such as 'fused.d0'")
         target = self._check_target(outputs, target)
-        depths, mods = self._split_outputs(outputs)
+        depths, mod_depths = self._split_outputs(outputs)
         if fused_depths is not None:
             depths = [d for d in depths if d in fused_depths]
+            mod_depths = {d: v for d, v in mod_depths.items() if d in fused_depths}
         if available is not None:
             self._check_available(available, target.shape[0])
-        if mods:  # no modality heads (early fusion): no need to read the mask at all
+        present_mods: set[str] = set(self.modalities)
+        if mod_depths:  # no modality heads (early fusion): no need to read the mask at all
             present_mods = set(self.present_modalities(available, present))
-            mods = [m for m in mods if m in present_mods]
+
+        subsets: list[tuple[str, ...]] = []
+        sub_depths: list[int] = []
+        if use_subsets and self.subsets is not None:
+            complete = [d for d, v in mod_depths.items() if len(v) == len(self.modalities)]
+            if self.subset_depths is None:
+                sub_depths = complete
+            else:
+                missing = [d for d in self.subset_depths if d not in complete]
+                if missing:
+                    raise ValueError(
+                        f"subset_depths asks for depth {missing[0]} but the outputs have no "
+                        f"'modality.<m>' head of every modality there (depths with all: {complete})"
+                    )
+                sub_depths = list(self.subset_depths)
+            if sub_depths:
+                subsets = [s for s in self.subset_choice(draw) if present_mods.intersection(s)]
+        if self.fused is False:
+            depths = []
+        elif self.fused is None and use_subsets and self.subsets is not None:
+            depths = [d for d in depths if d not in sub_depths]
 
         resized: dict[tuple[int, ...], torch.Tensor] = {}  # one resize per distinct head size
 
-        def per_sample(name: str) -> torch.Tensor:
-            logits = outputs[name]
+        def per_sample(logits: torch.Tensor) -> torch.Tensor:
             size = tuple(logits.shape[2:])
             if size not in resized:
                 resized[size] = resize_target(target, size, self.target_resize)
             return self.loss(logits, resized[size])
 
+        def masked_mean(loss: torch.Tensor, col: torch.Tensor | None) -> torch.Tensor:
+            if col is None:
+                return loss.mean()
+            # Masked mean over the samples in ``col``: torch.where (not a product) so a
+            # non-finite loss of an excluded sample cannot leak in; clamp avoids 0/0.
+            total = torch.where(col, loss, torch.zeros_like(loss)).sum()
+            return total / col.sum().clamp(min=1).to(loss.dtype)
+
+        def column(m: str, device: torch.device) -> torch.Tensor | None:
+            if available is None:
+                return None
+            return available[:, self.modalities.index(m)].to(device=device, dtype=torch.bool)
+
         rows: list[tuple[str, torch.Tensor]] = []
         weights = self.depth_weight_values(depths) if weighted else [1.0] * len(depths)
         for d, w in zip(depths, weights):
-            row = per_sample(f"{FUSED}.d{d}").mean()
+            row = per_sample(outputs[format_objective(FUSED, (), d)]).mean()
             rows.append((f"{FUSED}.d{d}", row * w if w != 1.0 else row))
-        for m in mods:
-            name = f"{MODALITY}.{m}"
-            loss = per_sample(name)
-            if available is None:
-                rows.append((name, loss.mean()))
-                continue
-            # Masked mean over the samples where m is available: torch.where (not a product)
-            # so a non-finite loss of an excluded sample cannot leak in; clamp avoids 0/0.
-            col = available[:, self.modalities.index(m)].to(device=loss.device, dtype=torch.bool)
-            total = torch.where(col, loss, torch.zeros_like(loss)).sum()
-            rows.append((name, total / col.sum().clamp(min=1).to(loss.dtype)))
+        if subsets:
+            rows += self._subset_rows(outputs, subsets, sub_depths, per_sample, column, weighted)
+            return rows
+        mod_weights = dict(zip(mod_depths, self.depth_weight_values(list(mod_depths))))
+        for d, mods in mod_depths.items():
+            w = mod_weights[d] if weighted else 1.0
+            for m in mods:
+                if m not in present_mods:
+                    continue
+                name = format_objective(MODALITY, (m,), d)
+                loss = per_sample(outputs[name])
+                row = masked_mean(loss, column(m, loss.device))
+                rows.append((name, row * w if w != 1.0 else row))
+        return rows
+
+    def _subset_rows(
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        subsets: list[tuple[str, ...]],
+        depths: Sequence[int],
+        per_sample: Any,
+        column: Any,
+        weighted: bool,
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Rows ``subset.<S>[.d<l>]``: the loss of the availability-masked mean of S's logits."""
+        rows: list[tuple[str, torch.Tensor]] = []
+        weights = self.depth_weight_values(list(depths)) if weighted else [1.0] * len(depths)
+        for d, w in zip(depths, weights):
+            logits = {m: outputs[format_objective(MODALITY, (m,), d)] for m in self.modalities}
+            device = next(iter(logits.values())).device
+            cols = {m: column(m, device) for m in self.modalities}
+            # masked logits a_m z_m once per modality; partial sums shared along each subset's
+            # prefix (flair+t1 reuses flair's), so the 15 subsets cost 15 additions in all
+            masked: dict[str, torch.Tensor] = {}
+            for m, z in logits.items():
+                col = cols[m]
+                masked[m] = z if col is None else torch.where(
+                    col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z)
+                )
+            sums: dict[tuple[str, ...], torch.Tensor] = {}
+            counts: dict[tuple[str, ...], torch.Tensor | None] = {}
+            for subset in subsets:
+                for end in range(1, len(subset) + 1):
+                    key = subset[:end]
+                    if key in sums:
+                        continue
+                    m = key[-1]
+                    col = cols[m]
+                    if end == 1:
+                        sums[key] = masked[m]
+                        counts[key] = None if col is None else col.to(masked[m].dtype)
+                    else:
+                        sums[key] = sums[key[:-1]] + masked[m]
+                        prev = counts[key[:-1]]
+                        counts[key] = None if col is None else prev + col.to(prev.dtype)
+            for subset in subsets:
+                count = counts[subset]
+                if count is None:
+                    fused = sums[subset] / len(subset) if len(subset) > 1 else sums[subset]
+                    row = per_sample(fused).mean()
+                else:
+                    shape = (-1, *([1] * (sums[subset].dim() - 1)))
+                    fused = sums[subset] / count.clamp(min=1).view(shape)
+                    loss = per_sample(fused)
+                    seen = count > 0  # samples where at least one modality of S is available
+                    total = torch.where(seen, loss, torch.zeros_like(loss)).sum()
+                    row = total / seen.sum().clamp(min=1).to(loss.dtype)
+                name = format_objective(SUBSET, subset, d, self.modalities)
+                rows.append((name, row * w if w != 1.0 else row))
         return rows
 
     # ------------------------------------------------------------------ public API
@@ -275,8 +491,9 @@ class ObjectiveSet:
         target: torch.Tensor,
         available: torch.Tensor | None = None,
         present: Iterable[str] | None = None,
+        draw: bool | None = None,
     ) -> NamedLosses:
-        """Loss rows of every head in ``outputs``.
+        """Loss rows of every head in ``outputs`` (or of every subset, with ``subsets``).
 
         Args:
             outputs: train-mode network output ``{name: (B, C, h, w, d) logits}``.
@@ -287,11 +504,18 @@ class ObjectiveSet:
             present: optional host-side list of modality names present in the batch (it must
                 agree with ``available``); avoids reading ``available`` on the host when it
                 already lives on the GPU.
+            draw: with an int ``subsets``: whether this call draws its k subsets (advancing
+                the draw count) or evaluates every subset. None: draw when autograd is
+                enabled (a training step), not under ``torch.no_grad`` (held-out losses), so
+                validation never moves the draw sequence.
 
         Returns:
-            ``NamedLosses`` with rows ``fused.d*`` (depth-weighted) then ``modality.*``.
+            ``NamedLosses`` with rows ``fused.d*`` (depth-weighted) then ``modality.*``, or,
+            with ``subsets``, the kept ``fused.d*`` rows then ``subset.*`` depth by depth.
         """
-        rows = self._rows(outputs, target, available, present, weighted=True)
+        if draw is None:
+            draw = torch.is_grad_enabled()
+        rows = self._rows(outputs, target, available, present, weighted=True, draw=bool(draw))
         return NamedLosses([n for n, _ in rows], torch.stack([r for _, r in rows]))
 
     def head_losses(
@@ -318,8 +542,11 @@ class ObjectiveSet:
         """
         if isinstance(outputs, torch.Tensor):
             outputs = {f"{FUSED}.d0": outputs}
-        heads = {n: t for n, t in outputs.items() if n == f"{FUSED}.d0" or not n.startswith(FUSED)}
-        rows = self._rows(heads, target, available, present, weighted=False, fused_depths=(0,))
+        heads = {n: t for n, t in outputs.items() if parse_objective(n).depth == 0}
+        rows = self._rows(
+            heads, target, available, present, weighted=False, fused_depths=(0,),
+            use_subsets=False,
+        )  # fmt: skip
         return {(FUSED if n.startswith(FUSED) else n.split(".", 1)[1]): r for n, r in rows}
 
 

@@ -1,0 +1,350 @@
+"""Shared-weight modality U-Net (GMD's setting): one set of convolutions for every modality.
+
+Structure (parameter-name prefixes in brackets, so reach and the shared mask read off them)::
+
+    for each modality m (its own forward through the SAME convolutions):
+        x_m = x[:, m] (zeroed where m is unavailable, so nothing non-finite enters a branch)
+        encoder [encoder.<l>]    level 0 full resolution, levels 1..L stride 2
+        decoder [decoder.<i>]    transposed conv x2, skip concat, two 3³ convs (i = L-1-l)
+        heads   [heads.d<l>]     1x1x1 conv of decoder level l -> modality.<m>[.d<l>] logits
+    every conv block normalises with modality m's own layer [...norm1.<m>, ...norm2.<m>]
+    fusion:   fused.d<l> = sum_m a_m z_m,l / max(1, sum_m a_m)    (mean of the AVAILABLE logits)
+
+Only the normalisation layers (their affine weights, running statistics for batch norm) are
+modality-specific; every convolution and head is shared. The modalities are run as separate
+branches rather than folded into one batch: a folded convolution would put every modality's
+samples in one autograd node, so each objective's graph would seem to reach every modality's
+normalisation and the shared mask would cover everything. Separate branches make reach exact by
+construction (a subset objective reaches the normalisation of its own modalities only) at the
+same FLOPs.
+
+Train mode returns ``fused.d<l>`` (l < deep_supervision) and ``modality.<m>`` /
+``modality.<m>.d<l>`` by name; eval mode returns ``fused.d0`` only (no coarser heads). With
+``ObjectiveSet(subsets=...)`` the per-modality logits are re-fused per subset without another
+forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import UnetOutBlock
+from monai.networks.blocks.dynunet_block import get_conv_layer
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
+from torch import nn
+
+from segmerge.conventions import MODALITIES, REGIONS
+from segmerge.nets._common import check_input, describe, init_contract, suggest
+
+__all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "fuse_logits"]
+
+STEMS = ("conv", "block")
+FUSIONS = ("logits",)
+
+
+def fuse_logits(per_modality: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the available modalities' logits: ``sum_m a_m z_m / max(1, sum_m a_m)``.
+
+    ``torch.where`` (not a product) so that an unavailable modality's logits, even non-finite,
+    contribute exactly nothing; a sample with nothing available gets zero logits.
+
+    Args:
+        per_modality: M tensors ``(B, C, ...)``, in the column order of ``mask``.
+        mask: ``(B, M)`` bool availability.
+    """
+    shape = [-1] + [1] * (per_modality[0].dim() - 1)
+    acc = torch.zeros_like(per_modality[0])
+    for idx, z in enumerate(per_modality):
+        acc = acc + torch.where(mask[:, idx].view(shape), z, torch.zeros_like(z))
+    count = mask.sum(dim=1).clamp(min=1).to(acc.dtype).view(shape)
+    return acc / count
+
+
+class SharedBlock(nn.Module):
+    """Two 3³ convolutions shared by every modality, each followed by that modality's norm + act.
+
+    Written by hand because MONAI's ``UnetBasicBlock`` has one normalisation per block; this is
+    that block with one normalisation layer per modality (MONAI's ``get_norm_layer``).
+
+    Args:
+        in_channels: input width.
+        out_channels: output width.
+        stride: stride of the first convolution (2 to downsample).
+        modalities: modality names, one normalisation layer each.
+        norm: MONAI normalisation spec.
+        act: MONAI activation spec.
+        dropout: dropout after each activation (0 for none).
+        n_convs: 1 (stem) or 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        modalities: Sequence[str],
+        norm: str | tuple,
+        act: str | tuple,
+        dropout: float,
+        n_convs: int = 2,
+    ) -> None:
+        super().__init__()
+        self.conv1 = get_conv_layer(
+            3, in_channels, out_channels, kernel_size=3, stride=stride, conv_only=True
+        )
+        self.norm1 = nn.ModuleDict(
+            {m: get_norm_layer(norm, spatial_dims=3, channels=out_channels) for m in modalities}
+        )
+        self.two = n_convs == 2
+        self.conv2 = (
+            get_conv_layer(3, out_channels, out_channels, kernel_size=3, stride=1, conv_only=True)
+            if self.two
+            else nn.Identity()
+        )
+        self.norm2 = nn.ModuleDict(
+            {
+                m: get_norm_layer(norm, spatial_dims=3, channels=out_channels)
+                if self.two
+                else nn.Identity()
+                for m in modalities
+            }
+        )
+        self.act = get_act_layer(act)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Run the shared convolutions with ``modality``'s normalisation layers."""
+        h = self.conv1(x)
+        out = h
+        for name, norm_a in self.norm1.items():  # ModuleDict lookup by a variable key, scriptable
+            if name == modality:
+                out = norm_a(h)
+        h = self.drop(self.act(out))
+        if self.two:
+            h = self.conv2(h)
+            out = h
+            for name, norm_b in self.norm2.items():
+                if name == modality:
+                    out = norm_b(h)
+            h = self.drop(self.act(out))
+        return h
+
+
+class SharedUp(nn.Module):
+    """Decoder level: shared transposed conv (x2), skip concat, a :class:`SharedBlock`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        modalities: Sequence[str],
+        norm: str | tuple,
+        act: str | tuple,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.up = get_conv_layer(
+            3, in_channels, out_channels, kernel_size=2, stride=2, conv_only=True,
+            is_transposed=True,
+        )  # fmt: skip
+        self.block = SharedBlock(
+            2 * out_channels, out_channels, 1, modalities, norm, act, dropout
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, modality: str) -> torch.Tensor:
+        """Upsample ``x``, concatenate ``skip`` and convolve with ``modality``'s norms."""
+        return self.block(torch.cat([self.up(x), skip], dim=1), modality)
+
+
+class SharedModalityUNet(nn.Module):
+    """Deep-supervised 3D U-Net shared by all modalities, modality-specific normalisation.
+
+    ``forward(x, available=None)`` as :class:`~segmerge.nets.MultiModalDSNet`: ``x`` is
+    ``(B, M, H, W, D)`` in ``modalities`` order, ``available`` a ``(B, M)`` bool mask (None = all
+    present). Eval mode returns ``(B, out_channels, H, W, D)`` logits fused from the available
+    modalities; train mode a dict ``fused.d<l>``, ``modality.<m>`` (full resolution) and
+    ``modality.<m>.d<l>`` (l >= 1). See the module docstring for the structure.
+
+    Args:
+        modalities: modality names in input channel order (default ``MODALITIES``).
+        out_channels: region channels (default 3: ``wt, tc, et``).
+        features: widths per level, finest first; patch sizes must be divisible by
+            ``2 ** (len(features) - 1)``. Default ``(8, 16, 32, 64)``.
+        deep_supervision: heads at depths ``0 .. n-1`` (1 to ``len(features) - 1``). Default 3.
+        norm: MONAI normalisation spec; one layer per modality in every block. Default instance
+            norm with affine parameters (the modality-specific parameters: without affine ones
+            every parameter is shared). A JSON list ``["instance", {"affine": true}]`` works too.
+        dropout: dropout probability after each activation. Default 0.
+        fusion: ``"logits"``: mean of the available modalities' logits (the GMD paper's).
+        stem: level 0 as ``"conv"`` (one conv, the cheap default) or ``"block"`` (two convs).
+        act: MONAI activation spec. Default leaky ReLU (slope 0.01).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        out_channels: int = len(REGIONS),
+        features: Sequence[int] = (8, 16, 32, 64),
+        deep_supervision: int = 3,
+        norm: str | tuple | list = ("instance", {"affine": True}),
+        dropout: float = 0.0,
+        fusion: str = "logits",
+        stem: str = "conv",
+        act: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+    ) -> None:
+        super().__init__()
+        if isinstance(norm, list):
+            norm = tuple(norm)
+        if isinstance(act, list):
+            act = tuple(act)
+        if fusion not in FUSIONS:
+            raise ValueError(
+                f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
+            )
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}" + suggest(stem, STEMS))
+        init_contract(
+            self, modalities, out_channels, features, deep_supervision, norm, dropout,
+            fusion=fusion, stem=stem,
+        )  # fmt: skip
+        for m in self.modalities:
+            if "." in m or "+" in m:
+                raise ValueError(f"modality name {m!r} must not contain '.' or '+'")
+        feats = self.features
+        depth = len(feats) - 1
+        drop = float(dropout)
+        self.fusion = fusion
+        self.mod_list = list(self.modalities)
+        blocks: list[nn.Module] = []
+        in_ch = 1
+        for level, width in enumerate(feats):
+            n_convs = 1 if level == 0 and stem == "conv" else 2
+            stride = 1 if level == 0 else 2
+            blocks.append(
+                SharedBlock(in_ch, width, stride, self.modalities, norm, act, drop, n_convs)
+            )
+            in_ch = width
+        self.encoder = nn.ModuleList(blocks)
+        # decoder[i] goes from level depth-i to level depth-i-1 (coarsest first)
+        self.decoder = nn.ModuleList(
+            SharedUp(feats[level + 1], feats[level], self.modalities, norm, act, drop)
+            for level in range(depth - 1, -1, -1)
+        )
+        self.heads = nn.ModuleDict(
+            {
+                f"d{level}": UnetOutBlock(
+                    spatial_dims=3, in_channels=feats[level], out_channels=self.out_channels
+                )
+                for level in range(self.deep_supervision)
+            }
+        )
+
+    # ------------------------------------------------------------------ description
+    def extra_repr(self) -> str:
+        return describe(self)
+
+    @torch.jit.unused
+    def output_names(self) -> list[str]:
+        """Train-mode output names: ``fused.d*`` then per-modality heads, depth by depth."""
+        names = [f"fused.d{d}" for d in range(self.deep_supervision)]
+        for d in range(self.deep_supervision):
+            names += [f"modality.{m}" + (f".d{d}" if d else "") for m in self.modalities]
+        return names
+
+    @torch.jit.unused
+    def output_scales(self) -> dict[str, int]:
+        """Downsampling factor of each train-mode output relative to the input (1 = full)."""
+        scales: dict[str, int] = {}
+        for name in self.output_names():
+            depth = int(name.rsplit(".d", 1)[1]) if ".d" in name else 0
+            scales[name] = 2**depth
+        return scales
+
+    @torch.jit.unused
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names: ``shared`` (convolutions, heads) and ``norm.<m>`` per modality."""
+        groups: dict[str, list[str]] = {"shared": []}
+        groups.update({f"norm.{m}": [] for m in self.modalities})
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            hit = [p for i, p in enumerate(parts[1:], 1) if parts[i - 1] in ("norm1", "norm2")]
+            groups[f"norm.{hit[0]}" if hit else "shared"].append(name)
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        n_mod = len(self.mod_list)
+        if available is None:
+            return torch.ones(x.shape[0], n_mod, dtype=torch.bool, device=x.device)
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            if (
+                available.dim() != 2
+                or available.shape[0] != x.shape[0]
+                or available.shape[1] != n_mod
+            ):
+                raise ValueError(
+                    f"available must be (B, M) = ({x.shape[0]}, {n_mod}) bool, "
+                    f"got shape {tuple(available.shape)}"
+                )
+        return available.to(device=x.device, dtype=torch.bool)
+
+    def _branch(self, x: torch.Tensor, modality: str, n_heads: int) -> list[torch.Tensor]:
+        """One modality through the shared U-Net: head logits at depths ``0 .. n_heads-1``."""
+        skips: list[torch.Tensor] = []
+        h = x
+        for block in self.encoder:
+            h = block(h, modality)
+            skips.append(h)
+        level = len(skips) - 2
+        dec: list[torch.Tensor] = []
+        for up in self.decoder:
+            h = up(h, skips[level], modality)
+            dec.insert(0, h)
+            level -= 1
+        out: list[torch.Tensor] = []
+        for depth, head in enumerate(self.heads.values()):
+            if depth < n_heads:
+                out.append(head(dec[depth]))
+        return out
+
+    def _run(
+        self, x: torch.Tensor, available: torch.Tensor | None, n_heads: int
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            check_input(x, len(self.mod_list), self.divisor, self.mod_list)
+        mask = self._mask(x, available)
+        per_mod: list[list[torch.Tensor]] = []
+        for idx, m in enumerate(self.mod_list):
+            # zeroed where unavailable: a missing channel (even NaN) cannot reach any gradient
+            xm = x[:, idx : idx + 1].masked_fill(~mask[:, idx].view(-1, 1, 1, 1, 1), 0.0)
+            per_mod.append(self._branch(xm, m, n_heads))
+        return mask, per_mod
+
+    def forward_heads(
+        self, x: torch.Tensor, available: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every head's logits by name, whatever the mode (see the class docstring)."""
+        mask, per_mod = self._run(x, available, self.deep_supervision)
+        out: dict[str, torch.Tensor] = {}
+        for depth in range(self.deep_supervision):
+            out["fused.d" + str(depth)] = fuse_logits([p[depth] for p in per_mod], mask)
+        for depth in range(self.deep_supervision):
+            suffix = ".d" + str(depth) if depth > 0 else ""
+            for idx, m in enumerate(self.mod_list):
+                out["modality." + m + suffix] = per_mod[idx][depth]
+        return out
+
+    def forward(
+        self, x: torch.Tensor, available: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Train mode: dict of named head logits. Eval mode: ``fused.d0`` logits only.
+
+        Args:
+            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
+            available: ``(B, M)`` bool availability mask; None means every modality present.
+        """
+        if self.training:
+            return self.forward_heads(x, available)
+        mask, per_mod = self._run(x, available, 1)
+        return fuse_logits([p[0] for p in per_mod], mask)
