@@ -1,20 +1,26 @@
-"""``python -m segmerge compare``: options, budgets, summaries, and a tiny 2-method study end to end.
+"""``python -m segmerge compare``: options, budgets, statistics assembly, and a tiny study end to end.
 
 The end-to-end study (budget ``tiny``: 24³ phantoms, 2 steps, 16³ patches) trains ``sum`` and
-``mean`` in real ``python -m segmerge train`` subprocesses, evaluates both on the 15 subsets of
-sequences, and is then re-run to check that finished methods are skipped, and re-run once more
-with a third method whose configuration is broken to check that one failure is reported while
-the others are kept.
+``mean`` x seeds 0 and 1 in real ``python -m segmerge train`` subprocesses, two at a time
+(``--jobs 2``). It is killed (SIGTERM) as soon as its first run finished and then re-run, which
+must skip that run and finish the others; one run is then retrained alone (``--jobs 1``) and must
+give the same weights. The parent / nested MLflow runs are checked, and a last re-run with a third
+method whose run cannot be evaluated checks that one failure is reported while the others are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import math
 import re
-import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from segmerge.study import (
@@ -22,12 +28,15 @@ from segmerge.study import (
     T1CE_MISSING,
     EvaluationResult,
     MethodSummary,
-    results_markdown,
+    StudySettings,
+    study_markdown,
+    study_statistics,
 )
-from segmerge.study.budgets import get_budget
-from segmerge.study.cli import main, parse_args
+from segmerge.study.budgets import get_budget, study_defaults
+from segmerge.study.cli import main, parse_args, parse_int_list
 from segmerge.study.evaluation import write_validation_datalist
 from segmerge.study.report import PLOT_FILES
+from segmerge.study.runner import StudyError, cpu_cores
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -85,17 +94,62 @@ def test_budget_train_args_are_json_and_presets_share_the_methods():
         assert b.train["patch_size"] <= b.phantoms["size"], name  # a patch fits the phantoms
 
 
-def test_dry_run_prints_one_identical_setup_per_method(tmp_path, capsys):
+def test_dry_run_prints_one_identical_setup_per_method_and_seed(tmp_path, capsys):
     code = main(
-        ["--methods", "sum,pcgrad", "--budget", "tiny", "--output", str(tmp_path), "--dry-run"]
-    )
+        ["--methods", "sum,pcgrad", "--seeds", "0,3", "--budget", "tiny", "--output",
+         str(tmp_path), "--dry-run"]
+    )  # fmt: skip
     out = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and len(out) == 2
+    assert code == 0 and len(out) == 4
     assert "--aggregator sum" in out[0] and "--aggregator pcgrad" in out[1]
-    # everything but the method (and its folders / run name) is the same
-    strip = [re.sub(r"(sum|pcgrad)", "M", line) for line in out]
-    assert strip[0] == strip[1]
+    assert "--seed 0 " in out[0] and "--seed 3 " in out[3] and "seed-3" in out[3]
+    # everything but the method and seed (and their folders / run name) is the same
+    strip = [re.sub(r"(sum|pcgrad)", "M", re.sub(r"seed[ -]?\d", "S", line)) for line in out]
+    assert len(set(strip)) == 1
     assert not (tmp_path / "study.json").exists()
+
+
+def test_seeds_jobs_and_devices_options(tmp_path, capsys):
+    assert parse_int_list("seeds", "0, 1,2") == [0, 1, 2]
+    with pytest.raises(ValueError, match="--seeds takes integers"):
+        parse_int_list("seeds", "0,x")
+    base = ["--methods", "sum", "--budget", "tiny", "--output", str(tmp_path), "--dry-run"]
+    assert main([*base, "--seeds", "1,1"]) == 2
+    assert "--seeds: 1 listed more than once" in capsys.readouterr().err
+    assert main([*base, "--seeds", "0", "--seed", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*base, "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--devices", "cuda:0,cuda:1", "--jobs", "3"]) == 2
+    assert "one job runs per device" in capsys.readouterr().err
+    # the default study: compare.json's methods and seeds (at least 3)
+    defaults = study_defaults()
+    assert len(defaults["seeds"]) >= 3 and defaults["reference"] == "sum"
+
+
+def test_jobs_split_the_cores_between_them(monkeypatch):
+    import segmerge.study.runner as runner
+
+    budget = get_budget("cpu")
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 16)
+    s = StudySettings(methods=["sum"], budget=budget, output=Path("x"), jobs=4)
+    # the budget asks 1 thread per training; 4 jobs x 1 <= 16
+    assert s.threads() == min(4, int(budget.train.get("num_threads") or 4))
+    s = StudySettings(methods=["sum"], budget=budget, output=Path("x"), jobs=4,
+                      extra=["--num_threads", "8"])  # fmt: skip
+    assert s.threads() == 4  # capped at cores // jobs
+    s = StudySettings(
+        methods=["sum"], budget=budget, output=Path("x"), devices=["cuda:0", "cuda:1"]
+    )
+    assert s.slots() == ["cuda:0", "cuda:1"] and s.threads() <= 8
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 2)
+    for jobs in (1, 2, 3):
+        s = StudySettings(methods=["sum"], budget=budget, output=Path("x"), jobs=jobs,
+                          extra=["--num_threads", "8"])  # fmt: skip
+        assert len(s.slots()) * s.threads() <= max(2, jobs), jobs
+    with pytest.raises(StudyError, match="--jobs must be >= 1"):
+        StudySettings(methods=["sum"], budget=budget, output=Path("x"), jobs=0).slots()
+    assert cpu_cores() >= 1
 
 
 # ------------------------------------------------------------------ summaries and report
@@ -112,6 +166,21 @@ def _rows(base: float) -> list[dict]:
     return rows
 
 
+def _evaluation(case_values: dict[str, float]) -> EvaluationResult:
+    """Cases whose Dice is ``v - 0.01 * k`` on the k-th subset, for every region."""
+    from segmerge.inference import all_subsets
+
+    cases = {}
+    for case, v in case_values.items():
+        cases[case] = {}
+        for k, subset in enumerate(all_subsets()):
+            metrics = {f"dice_{r}": v - 0.01 * k for r in ("wt", "tc", "et")}
+            metrics.update({f"hd95_{r}": 5.0 for r in ("wt", "tc", "et")})
+            cases[case]["+".join(subset)] = metrics
+    mean = float(np.mean(list(case_values.values())))
+    return EvaluationResult.from_rows(_rows(mean), cases)
+
+
 def test_evaluation_result_robustness_and_round_trip():
     ev = EvaluationResult.from_rows(_rows(0.9))
     assert len(ev.subsets) == 15 and ev.full.dice["mean"] == pytest.approx(0.9)
@@ -125,19 +194,72 @@ def test_evaluation_result_robustness_and_round_trip():
     assert keys["study/dice/mean"] == pytest.approx(0.9)
     assert "study/subset/flair-t1-t2/dice_mean" in keys
     assert not any("+" in k for k in keys)  # '+' is not a valid MLflow key character
+    per_case = _evaluation({"c1": 0.8, "c2": 0.6})
+    scores = EvaluationResult.from_dict(json.loads(json.dumps(per_case.to_dict()))).case_scores()
+    assert scores["c1"]["dice_mean_full"] == pytest.approx(0.8)
+    assert scores["c2"]["dice_mean_over_subsets"] == pytest.approx(0.6 - 0.07)
+    mean = EvaluationResult.mean_of([EvaluationResult.from_rows(_rows(v)) for v in (0.5, 0.7)])
+    assert mean.full.dice["wt"] == pytest.approx(0.6)
 
 
-def test_results_markdown_lists_methods_robustness_and_failures():
-    good = MethodSummary("gmd", evaluation=EvaluationResult.from_rows(_rows(0.8)), run_id="r1")
-    good.histories = {"conflict/n_pairs": [(1, 3.0), (2, 5.0)], "ogr/fused": [(2, 0.25)]}
-    bad = MethodSummary("pcgrad", status="failed", error="training failed: boom")
-    text = results_markdown([good, bad], {"study_id": "s1", "budget": "tiny"})
-    row = next(line for line in text.splitlines() if line.startswith("| gmd | 0.800"))
-    assert "0.800" in row
-    t1ce = EvaluationResult.from_rows(_rows(0.8)).subsets[T1CE_MISSING].dice["mean"]
-    assert f"{t1ce:.3f}" in text and T1CE_MISSING in text and ALL_SEQUENCES in text
-    assert "| gmd | 4.00 | 5.00 | fused 0.25 |" in text
-    assert "**pcgrad**: training failed: boom" in text
+def _runs(shift: float, failed_seed: int | None = None) -> list[MethodSummary]:
+    """sum and gmd over 3 seeds x 4 cases; gmd = sum + shift + a small case term (-0.0015,
+    -0.0005, 0.0005, 0.0015: it cancels in the mean)."""
+    runs = []
+    for seed in range(3):
+        base = {f"c{i}": 0.5 + 0.05 * i - 0.02 * seed for i in range(4)}
+        runs.append(
+            MethodSummary("sum", seed=seed, evaluation=_evaluation(base), run_id=f"s{seed}")
+        )
+        if seed == failed_seed:
+            runs.append(MethodSummary("gmd", seed=seed, status="failed", error="boom"))
+            continue
+        moved = {c: v + shift + 0.001 * (i - 1.5) for i, (c, v) in enumerate(base.items())}
+        runs.append(
+            MethodSummary("gmd", seed=seed, evaluation=_evaluation(moved), run_id=f"g{seed}")
+        )
+    return runs
+
+
+def test_study_statistics_pair_cases_and_seeds_and_give_verdicts():
+    stats = study_statistics(_runs(0.05), ["sum", "gmd"], [0, 1, 2])
+    gmd, ref = stats["methods"]["gmd"], stats["methods"]["sum"]
+    assert ref["comparison"] is None and ref["verdict"] is None and gmd["status"] == "ok"
+    comp = gmd["comparison"]["dice_mean_over_subsets"]
+    assert comp["n_pairs"] == 12  # 4 cases x 3 seeds
+    assert comp["difference"] == pytest.approx(0.05)
+    assert comp["ci_low"] <= comp["difference"] <= comp["ci_high"]
+    assert comp["p_value"] == pytest.approx(2 / 2**12)  # all 12 positive: exact two-sided p
+    assert comp["p_adjusted"] == comp["p_value"]  # one method compared: Holm changes nothing
+    assert comp["verdict"] == gmd["verdict"] == "better"
+    assert "better than sum" in gmd["verdict_line"]
+    seeds = gmd["seeds"]
+    assert set(seeds) == {"0", "1", "2"}
+    assert seeds["1"]["scores"]["dice_mean_full"] == pytest.approx(0.575 - 0.02 + 0.05)
+    interval = gmd["scores"]["dice_mean_full"]
+    assert interval["n"] == 3 and interval["ci_low"] < interval["mean"] < interval["ci_high"]
+    same = study_statistics(_runs(0.0, failed_seed=2), ["sum", "gmd"], [0, 1, 2])["methods"]
+    # differences -0.0015, -0.0005, 0.0005, 0.0015 per seed: symmetric, Wilcoxon p = 1
+    assert same["gmd"]["status"] == "partial" and same["gmd"]["seeds"]["2"]["error"] == "boom"
+    assert same["gmd"]["comparison"]["dice_mean_full"]["n_pairs"] == 8
+    assert same["gmd"]["verdict"] == "indistinguishable"
+    assert same["gmd"]["comparison"]["dice_mean_full"]["p_value"] > 0.5  # (float noise in ties)
+
+
+def test_study_markdown_has_the_fields_table_intervals_and_verdicts():
+    stats = study_statistics(_runs(-0.05, failed_seed=1), ["sum", "gmd"], [0, 1, 2])
+    meta = {"study_id": "s1", "budget": "tiny", "seeds": [0, 1, 2], "reference": "sum"}
+    text = study_markdown(stats, meta)
+    assert "**gmd**: worse than sum at α = 0.05" in text
+    field = _table_rows(text, "## The field's table")
+    assert set(field) == {"sum", "gmd"}
+    sum_seeds = [0.5 + 0.05 * 1.5 - 0.02 * s for s in range(3)]  # mean over the 4 cases
+    assert float(field["sum"][7]) == pytest.approx(np.mean(sum_seeds), abs=1e-3)  # mean, all 4
+    assert float(field["sum"][3]) == pytest.approx(np.mean(sum_seeds) - 0.07, abs=1e-3)
+    per_seed = _table_rows(text, "## Per seed")
+    assert per_seed["gmd"][0] == "2" and per_seed["gmd"][2] == "–"  # seed 1 failed
+    assert "[" in per_seed["sum"][4]  # mean [low, high]
+    assert "**gmd** seed 1: boom" in text and T1CE_MISSING in text and ALL_SEQUENCES in text
 
 
 def test_validation_datalist_needs_labels(tmp_path):
@@ -149,7 +271,7 @@ def test_validation_datalist_needs_labels(tmp_path):
 
 # ------------------------------------------------------------------ the tiny study, end to end
 def _table_rows(text: str, section: str) -> dict[str, list[str]]:
-    block = text.split(section, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    block = text.split(section, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in block.splitlines():
         if line.startswith("| ") and not line.startswith("| method") and "---" not in line:
@@ -158,31 +280,95 @@ def _table_rows(text: str, section: str) -> dict[str, list[str]]:
     return rows
 
 
+RUNS = [("sum", 0), ("mean", 0), ("sum", 1), ("mean", 1)]
+
+
+def _run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / "methods" / method / f"seed-{seed}"
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
+    """The 2 x 2 study with --jobs 2, killed after its first finished run, then resumed."""
     out = tmp_path_factory.mktemp("study")
-    args = ["--methods", "sum,mean", "--budget", "tiny", "--output", str(out), "--device", "cpu"]
-    args += ["--experiment", "study-test"]
-    code = main(args)
-    return out, args, code
+    args = ["--methods", "sum,mean", "--seeds", "0,1", "--budget", "tiny", "--jobs", "2"]
+    args += ["--output", str(out), "--device", "cpu", "--experiment", "study-test"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segmerge", "compare", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 300
+    done: list[tuple[str, int]] = []
+    while not done and proc.poll() is None and time.monotonic() < deadline:
+        done = [r for r in RUNS if (_run_dir(out, *r) / "result.json").is_file()]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    first_output = proc.communicate(timeout=300)[0]
+    killed = {
+        "code": proc.returncode,
+        "output": first_output,
+        "done": [r for r in RUNS if (_run_dir(out, *r) / "result.json").is_file()],
+        "logs": {r: (_run_dir(out, *r) / "train.log").read_text() for r in done},
+        "mtimes": {r: (_run_dir(out, *r) / "result.json").stat().st_mtime_ns for r in done},
+    }
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(args)
+    return out, args, code, killed, buf.getvalue()
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_retraining_finished_runs(tiny_study):
+    out, _, code, killed, printed = tiny_study
+    assert killed["done"], killed["output"][-3000:]  # at least one run finished before the kill
+    assert len(killed["done"]) < len(RUNS) or killed["code"] == 0
+    if len(killed["done"]) < len(RUNS):
+        assert killed["code"] == 130, killed["output"][-3000:]
+        assert "interrupted; run the same command again" in killed["output"]
+    assert code == 0, printed[-3000:]
+    for run in killed["logs"]:
+        assert (_run_dir(out, *run) / "train.log").read_text() == killed["logs"][run]
+        assert (_run_dir(out, *run) / "result.json").stat().st_mtime_ns == killed["mtimes"][run]
+        assert f"{run[0]} seed {run[1]}: already done" in printed
+    for run in RUNS:
+        assert (_run_dir(out, *run) / "result.json").is_file(), run
+        assert not (_run_dir(out, *run) / ".train.pid").exists()
 
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tiny_study):
-    out, _, code = tiny_study
-    assert code == 0, (out / "methods" / "sum" / "train.log").read_text()[-3000:]
+    out, _, code, _, printed = tiny_study
+    assert code == 0, printed[-3000:]
     text = (out / "results.md").read_text()
-    rows = _table_rows(text, "## Validation (all four sequences)")
+    rows = _table_rows(text, "## The field's table")
     assert set(rows) == {"sum", "mean"}
     for method, cells in rows.items():
-        dice = [float(c) for c in cells[:4]]  # WT, TC, ET, mean
+        dice = [float(c) for c in cells[:8]]  # WT, TC, ET, mean over subsets; then all four
         assert all(0.0 <= d <= 1.0 for d in dice), (method, dice)
         assert dice[3] == pytest.approx(sum(dice[:3]) / 3, abs=2e-3)
-    robust = _table_rows(text, "## Robustness to missing sequences")
-    assert set(robust) == {"sum", "mean"}
-    for cells in robust.values():
-        mean_over, worst = float(cells[0]), float(cells[2])
-        assert 0.0 <= worst <= mean_over <= 1.0
+        assert dice[7] == pytest.approx(sum(dice[4:7]) / 3, abs=2e-3)
+    assert "**mean**:" in text and "from sum" in text or "than sum" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["jobs"] == 2
+    assert results["primary_endpoint"] == "dice_mean_over_subsets"
+    for method in ("sum", "mean"):
+        entry = results["methods"][method]
+        assert entry["status"] == "ok" and set(entry["seeds"]) == {"0", "1"}
+        for seed in ("0", "1"):
+            scores = entry["seeds"][seed]["scores"]
+            assert 0.0 <= scores["dice_mean_over_subsets"] <= 1.0
+            assert len(entry["seeds"][seed]["evaluation"]["subsets"]) == 15
+        assert entry["scores"]["dice_mean_over_subsets"]["n"] == 2
+    comp = results["methods"]["mean"]["comparison"]["dice_mean_over_subsets"]
+    n_val = results["n_cases"]
+    assert comp["n_pairs"] == 2 * n_val
+    assert set(comp) == {"difference", "ci_low", "ci_high", "p_value", "p_adjusted",
+                         "verdict", "n_pairs"}  # fmt: skip
+    assert 0.0 <= comp["p_value"] <= comp["p_adjusted"] <= 1.0
+    assert comp["verdict"] in ("better", "worse", "indistinguishable")
     for name in PLOT_FILES.values():
         data = (out / "plots" / name).read_bytes()
         assert data[:8] == PNG_MAGIC, name
@@ -190,152 +376,91 @@ def test_tiny_study_end_to_end(tiny_study):
 
         img = matplotlib.image.imread(out / "plots" / name)
         assert img.ndim == 3 and min(img.shape[:2]) > 50, name
-    # the robustness files of `evaluate --subsets all` for each method
-    for m in ("sum", "mean"):
-        assert (out / "methods" / m / "evaluation" / "robustness.csv").is_file()
-        result = json.loads((out / "methods" / m / "result.json").read_text())
-        assert len(result["evaluation"]["subsets"]) == 15
+    for run in RUNS:  # the robustness files of `evaluate --subsets all` for each run
+        assert (_run_dir(out, *run) / "evaluation" / "robustness.csv").is_file()
 
 
 @pytest.mark.slow
-def test_tiny_study_runs_share_one_mlflow_experiment(tiny_study):
+def test_a_run_alone_gives_the_weights_it_gave_beside_another(tiny_study, tmp_path):
+    """Jobs in parallel give the same results as one after another: a run of the parallel study
+    that trained in one go (not resumed) is retrained alone with --jobs 1."""
+    out, args, code, _, _ = tiny_study
+    assert code == 0
+    fresh = [r for r in RUNS if (_run_dir(out, *r) / "train.log").read_text().count("$ ") == 1]
+    assert fresh
+    method, seed = fresh[-1]
+    alone = tmp_path / "alone"
+    argv = ["--methods", method, "--seeds", str(seed), "--budget", "tiny", "--jobs", "1"]
+    argv += ["--output", str(alone), "--device", "cpu", "--data", str(out / "data" / "phantoms")]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0, buf.getvalue()[-3000:]
+    a = json.loads((_run_dir(out, method, seed) / "result.json").read_text())
+    b = json.loads((_run_dir(alone, method, seed) / "result.json").read_text())
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["evaluation"]["subsets"] == b["evaluation"]["subsets"]
+
+
+@pytest.mark.slow
+def test_study_is_one_parent_mlflow_run_with_a_nested_run_per_method_and_seed(tiny_study):
     from mlflow.tracking import MlflowClient
 
-    out, _, code = tiny_study
+    out, _, code, _, _ = tiny_study
     assert code == 0
-    study_id = json.loads((out / "study.json").read_text())["study_id"]
+    record = json.loads((out / "study.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("study-test")
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`segmerge.study` = '{study_id}'"
+        [exp.experiment_id], filter_string=f"tags.`segmerge.study` = '{record['study_id']}'"
     )
-    assert sorted(r.info.run_name for r in runs) == ["mean", "sum"]
-    assert {r.info.experiment_id for r in runs} == {exp.experiment_id}
-    for r in runs:
-        assert r.data.tags["segmerge.study.method"] == r.info.run_name
+    parents = [r for r in runs if r.data.tags.get("segmerge.study.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.run_id == record["parent_run_id"]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r is not parent]
+    assert sorted((r.data.tags["method"], int(r.data.tags["seed"])) for r in children) == sorted(
+        RUNS
+    )
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.run_name == f"{r.data.tags['method']}-seed{r.data.tags['seed']}"
+        assert r.data.tags["budget"] == "tiny"
+        assert r.data.tags["network"] and r.data.tags["objectives"]
         assert 0.0 <= r.data.metrics["study/dice/mean"] <= 1.0
         assert "conflict/n_pairs" in r.data.metrics  # the history the conflict plot reads
-    summary = json.loads((out / "results.json").read_text())
-    assert {m["run_id"] for m in summary["methods"]} == {r.info.run_id for r in runs}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.md", "results.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {f"plots/{name}" for name in PLOT_FILES.values()} <= plots
+    assert "sum/dice_mean_over_subsets" in parent.data.metrics
+    results = json.loads((out / "results.json").read_text())
+    assert results["parent_run_id"] == parent.info.run_id
+    ids = {v["run_id"] for m in results["methods"].values() for v in m["seeds"].values()}
+    assert ids == {r.info.run_id for r in children}
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_methods_and_reports_a_failing_one(tiny_study, tmp_path, capsys):
-    out, args, code = tiny_study
+def test_rerun_skips_finished_runs_and_reports_a_failing_one(tiny_study, capsys):
+    """Last of the module: it re-runs the study with a third method (seed 0 only)."""
+    out, args, code, _, _ = tiny_study
     assert code == 0
-    before = {m: (out / "methods" / m / "result.json").stat().st_mtime_ns for m in ("sum", "mean")}
-    logs = {m: (out / "methods" / m / "train.log").read_text() for m in ("sum", "mean")}
+    logs = {r: (_run_dir(out, *r) / "train.log").read_text() for r in RUNS}
+    # pcgrad seed 0 "trained" into a run that does not exist: its evaluation must fail
+    broken = _run_dir(out, "pcgrad", 0)
+    broken.mkdir(parents=True)
+    (broken / "train.json").write_text(json.dumps({"run_id": "no-such-run", "train_seconds": 1.0}))
+    argv = [a if a != "sum,mean" else "sum,mean,pcgrad" for a in args]
+    argv[argv.index("0,1")] = "0"
     capsys.readouterr()
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("skipped") == 2
-    for m in ("sum", "mean"):
-        assert (out / "methods" / m / "result.json").stat().st_mtime_ns == before[m]
-        assert (out / "methods" / m / "train.log").read_text() == logs[m]  # not retrained
-
-    # a third method whose configuration cannot be built: reported, the others kept, exit 1
-    configs = tmp_path / "configs"
-    shutil.copytree(REPO / "configs", configs)
-    broken = {
-        "aggregator": {
-            "_target_": "segmerge.aggregation.build_aggregator",
-            "name": "pcgrad",
-            "order": "sideways",
-        }
-    }
-    (configs / "aggregators" / "pcgrad.json").write_text(json.dumps(broken))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SEGMERGE_CONFIGS", str(configs))
-    try:
-        code = main([a if a != "sum,mean" else "sum,mean,pcgrad" for a in args])
-    finally:
-        mp.undo()
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 1
-    assert "pcgrad" in captured.err and "failed" in captured.err
+    assert "pcgrad seed 0" in captured.err and "failed" in captured.err
+    assert captured.out.count("skipped") == 2
+    for r in RUNS:
+        assert (_run_dir(out, *r) / "train.log").read_text() == logs[r]  # not retrained
     text = (out / "results.md").read_text()
-    assert "**pcgrad**: training failed" in text
-    assert set(_table_rows(text, "## Validation (all four sequences)")) == {"sum", "mean"}
-    assert not math.isnan(
-        json.loads((out / "results.json").read_text())["methods"][0]["train_seconds"]
-    )
-
-
-# ------------------------------------------------------------------ several seeds
-def _study_json(folder, seed: int, scores: dict[str, float], **meta) -> None:
-    methods = [
-        {"method": name, "status": "ok", "evaluation": EvaluationResult.from_rows(_rows(v)).to_dict()}
-        for name, v in scores.items()
-    ]
-    data = {"study_id": f"s{seed}", "command": f"compare --seed {seed}", "seed": seed,
-            "budget": "cpu", "data": "/d", "n_cases": 5, "machine": "m", "methods": methods}  # fmt: skip
-    data.update(meta)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(data))
-
-
-def test_combine_gives_mean_range_ranks_and_the_seed_spread(tmp_path, capsys):
-    _study_json(tmp_path / "a", 0, {"sum": 0.50, "gmd": 0.52})
-    _study_json(tmp_path / "b", 1, {"sum": 0.40, "gmd": 0.38})
-    code = main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--output", str(tmp_path / "c")])
-    assert code == 0, capsys.readouterr().err
-    combined = json.loads((tmp_path / "c" / "combined.json").read_text())
-    gmd = combined["methods"]["gmd"]
-    assert gmd["dice_mean"]["mean"] == pytest.approx(0.45)
-    assert (gmd["dice_mean"]["min"], gmd["dice_mean"]["max"]) == pytest.approx((0.38, 0.52))
-    assert gmd["ranks"] == [1, 2] and combined["methods"]["sum"]["ranks"] == [2, 1]
-    assert combined["spread"]["between_methods"] == pytest.approx([0.02, 0.02])
-    assert combined["spread"]["between_seeds"]["gmd"] == pytest.approx(0.14)
-    text = (tmp_path / "c" / "combined.md").read_text()
-    assert "| gmd | 0.450 (0.380–0.520)" in text and "do not separate the aggregators" in text
-
-
-def test_combine_refuses_mismatched_or_unfinished_studies(tmp_path, capsys):
-    _study_json(tmp_path / "a", 0, {"sum": 0.5})
-    _study_json(tmp_path / "b", 1, {"sum": 0.5}, budget="tiny")
-    _study_json(tmp_path / "c", 0, {"sum": 0.5})
-    out = ["--output", str(tmp_path / "o")]
-    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'b'}", *out]) == 2
-    assert "budget 'tiny' differs" in capsys.readouterr().err
-    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'c'}", *out]) == 2
-    assert "repeat a seed" in capsys.readouterr().err
-    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'missing'}", *out]) == 2
-    assert "missing/results.json does not exist" in capsys.readouterr().err
-    assert main(["--combine", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--seed", "3", *out]) == 2
-    assert "takes --output alone" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "combined.md").exists()
-
-
-def test_combine_reads_a_real_study_folder(tiny_study, tmp_path, capsys):
-    out, _, code = tiny_study
-    assert code == 0
-    other = tmp_path / "seed1"
-    data = json.loads((out / "results.json").read_text())
-    _study_json(other, 1, {m["method"]: 0.3 for m in data["methods"]},
-                budget=data["budget"], data=data["data"], n_cases=data["n_cases"])  # fmt: skip
-    assert main(["--combine", f"{out},{other}", "--output", str(tmp_path / "c")]) == 0
-    combined = json.loads((tmp_path / "c" / "combined.json").read_text())
-    real = EvaluationResult.from_dict(data["methods"][0]["evaluation"]).full.dice["mean"]
-    assert combined["seeds"] == [data["seed"], 1]
-    assert combined["methods"]["sum"]["dice_mean"]["values"] == pytest.approx([real, 0.3])
-
-
-def test_combine_accepts_each_studys_own_identical_phantoms_only(tmp_path, capsys):
-    """Each study generates its phantoms in its own folder: those combine when the validation
-    cases are byte-identical, and are refused when they are not."""
-
-    def study(name: str, seed: int, content: bytes) -> Path:
-        folder = tmp_path / name
-        case = folder / "data" / "phantoms" / "c1"
-        case.mkdir(parents=True)
-        (case / "c1_seg.nii.gz").write_bytes(content)
-        entry = {"case_id": "c1", "label": str(case / "c1_seg.nii.gz")}
-        (folder / "validation.json").write_text(json.dumps({"validation": [entry]}))
-        _study_json(folder, seed, {"sum": 0.5}, data=str(folder / "data" / "phantoms"))
-        return folder
-
-    a, b, c = study("a", 0, b"same"), study("b", 1, b"same"), study("c", 2, b"other")
-    out = ["--output", str(tmp_path / "o")]
-    assert main(["--combine", f"{a},{b}", *out]) == 0, capsys.readouterr().err
-    assert main(["--combine", f"{a},{c}", *out]) == 2
-    assert "identical validation cases" in capsys.readouterr().err
+    assert "**pcgrad** seed 0: evaluation failed" in text
+    assert "**pcgrad**: no verdict" in text
+    assert set(_table_rows(text, "## The field's table")) == {"sum", "mean"}
+    assert json.loads((out / "results.json").read_text())["methods"]["pcgrad"]["status"] == "failed"

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Budget", "STUDY_CONFIG", "load_study_config", "get_budget", "default_methods"]
+__all__ = [
+    "Budget",
+    "STUDY_CONFIG",
+    "load_study_config",
+    "get_budget",
+    "default_methods",
+    "study_defaults",
+]
 
 STUDY_CONFIG = "compare.json"
 """File name of the study configuration inside the configs folder."""
@@ -81,6 +88,26 @@ def load_study_config(config_dir: str | Path | None = None) -> dict[str, Any]:
 def default_methods(config_dir: str | Path | None = None) -> list[str]:
     """The methods compared when ``--methods`` is not given (``compare.json``'s ``methods``)."""
     return [str(m) for m in load_study_config(config_dir).get("methods", [])]
+
+
+def study_defaults(config_dir: str | Path | None = None) -> dict[str, Any]:
+    """``seeds`` (list of ints), ``reference`` (method name) and ``alpha`` of ``compare.json``.
+
+    Raises:
+        ValueError: a malformed value, naming the key.
+    """
+    content = load_study_config(config_dir)
+    seeds = content.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and x >= 0 for x in seeds):
+        raise ValueError(f"compare.json: 'seeds' must be a list of integers >= 0, got {seeds!r}")
+    alpha = content.get("alpha", 0.05)
+    if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"compare.json: 'alpha' must be in (0, 1), got {alpha!r}")
+    return {
+        "seeds": list(seeds),
+        "reference": str(content.get("reference", "sum")),
+        "alpha": float(alpha),
+    }
 
 
 def get_budget(name: str, config_dir: str | Path | None = None) -> Budget:

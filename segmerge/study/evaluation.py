@@ -12,6 +12,11 @@ inference package's conventions: Dice per region; HD95 in mm, 0 when both masks 
 The subset with all four sequences is the plain validation score. Subset names join sequence names
 with ``+`` in canonical order (``flair+t1+t1ce+t2``); MLflow keys use ``-`` instead (``+`` is not
 allowed in a metric key).
+
+Per-case scores are kept as well (:attr:`EvaluationResult.cases`): the study pairs them across
+methods (same case, same seed) for its statistics. The evaluation of a study runs in its own
+process, ``python -m segmerge.study.evaluation SPEC.json`` (:func:`main`), so that several run at
+once with their own threads and device.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,8 @@ __all__ = [
     "EvaluationResult",
     "write_validation_datalist",
     "evaluate_model",
+    "evaluate_subsets_per_case",
+    "main",
 ]
 
 ALL_SEQUENCES = "+".join(MODALITIES)
@@ -64,9 +71,12 @@ class EvaluationResult:
 
     Attributes:
         subsets: subset name (``+``-joined) -> scores, in the order evaluated (largest first).
+        cases: case id -> subset name -> ``dice_<region>`` / ``hd95_<region>`` of that case
+            (empty when only means are known).
     """
 
     subsets: dict[str, SubsetScores]
+    cases: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def full(self) -> SubsetScores:
@@ -90,13 +100,36 @@ class EvaluationResult:
             "worst_dice": finite[worst],
         }
 
+    def case_scores(self) -> dict[str, dict[str, float]]:
+        """Per case: ``dice_mean_over_subsets`` (mean over the subsets of the WT/TC/ET mean Dice,
+        the field's headline), ``dice_mean_full`` (all four sequences) and, per region,
+        ``dice_<r>_subsets`` / ``dice_<r>_full`` and ``hd95_<r>_subsets`` / ``hd95_<r>_full``."""
+        out: dict[str, dict[str, float]] = {}
+        for case, subsets in self.cases.items():
+            if ALL_SEQUENCES not in subsets:
+                continue
+            row: dict[str, float] = {}
+            for kind in ("dice", "hd95"):
+                for r in REGIONS:
+                    key = f"{kind}_{r}"
+                    row[f"{key}_subsets"] = float(np.mean([s[key] for s in subsets.values()]))
+                    row[f"{key}_full"] = float(subsets[ALL_SEQUENCES][key])
+            means = [np.mean([s[f"dice_{r}"] for r in REGIONS]) for s in subsets.values()]
+            row["dice_mean_over_subsets"] = float(np.mean(means))
+            row["dice_mean_full"] = float(
+                np.mean([subsets[ALL_SEQUENCES][f"dice_{r}"] for r in REGIONS])
+            )
+            out[case] = row
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (inverse of :meth:`from_dict`)."""
         return {
             "subsets": {
                 k: {"dice": v.dice, "hd95": v.hd95, "n_cases": v.n_cases}
                 for k, v in self.subsets.items()
-            }
+            },
+            "cases": self.cases,
         }
 
     @classmethod
@@ -106,12 +139,34 @@ class EvaluationResult:
             {
                 k: SubsetScores(dict(v["dice"]), dict(v["hd95"]), int(v["n_cases"]))
                 for k, v in data["subsets"].items()
-            }
+            },
+            {
+                str(c): {str(k): {m: float(x) for m, x in v.items()} for k, v in subs.items()}
+                for c, subs in data.get("cases", {}).items()
+            },
         )
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> EvaluationResult:
-        """From the rows of :func:`segmerge.inference.evaluate.evaluate_subsets`."""
+    def mean_of(cls, results: Sequence[EvaluationResult]) -> EvaluationResult:
+        """Subset means averaged over several results (e.g. seeds), subset by subset."""
+        if not results:
+            raise ValueError("mean_of needs at least one evaluation")
+        subsets = {}
+        for name in results[0].subsets:
+            have = [r.subsets[name] for r in results if name in r.subsets]
+            dice = {k: float(np.mean([s.dice[k] for s in have])) for k in have[0].dice}
+            hd95 = {k: float(np.mean([s.hd95[k] for s in have])) for k in have[0].hd95}
+            subsets[name] = SubsetScores(dice, hd95, sum(s.n_cases for s in have))
+        return cls(subsets)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        cases: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    ) -> EvaluationResult:
+        """From the rows of :func:`segmerge.inference.evaluate.evaluate_subsets` (and the
+        per-case scores of :func:`evaluate_subsets_per_case`)."""
         subsets = {}
         for row in rows:
             dice = {r: float(row[f"dice_{r}"]) for r in REGIONS}
@@ -119,7 +174,10 @@ class EvaluationResult:
             dice["mean"] = float(np.mean(list(dice.values())))
             hd95["mean"] = float(np.mean(list(hd95.values())))
             subsets[str(row["subset"])] = SubsetScores(dice, hd95, int(row["n_cases"]))
-        return cls(subsets)
+        per_case = {
+            str(c): {k: dict(v) for k, v in subs.items()} for c, subs in (cases or {}).items()
+        }
+        return cls(subsets, per_case)
 
     def mlflow_metrics(self, prefix: str = "study") -> dict[str, float]:
         """Flat keys: ``study/dice/wt``, ``study/subset/flair-t2/dice_mean``, ``study/robust/...``."""
@@ -198,7 +256,7 @@ def evaluate_model(
         ValueError: the weights do not fit ``network_def``, or no case could be scored.
     """
     from segmerge.inference import build_predictor
-    from segmerge.inference.evaluate import evaluate_subsets, write_robustness
+    from segmerge.inference.evaluate import write_robustness
 
     if device == "auto":
         import torch
@@ -214,10 +272,109 @@ def evaluate_model(
         sw_batch_size=int(sw_batch_size),
         et_label=int(et_label),
     )
-    rows = evaluate_subsets(predictor, datalist, "all")
+    rows, cases = evaluate_subsets_per_case(predictor, datalist)
     if out_dir is not None:
         write_robustness(rows, out_dir)
-    result = EvaluationResult.from_rows(rows)
+    result = EvaluationResult.from_rows(rows, cases)
     if ALL_SEQUENCES not in result.subsets or result.full.n_cases == 0:
         raise ValueError(f"{datalist}: no validation case could be scored (see the log above)")
     return result
+
+
+def evaluate_subsets_per_case(
+    predictor: Any, datalist: str | Path
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
+    """The rows of :func:`segmerge.inference.evaluate.evaluate_subsets` and the per-case scores.
+
+    The same loop as ``evaluate_subsets`` (each case read once, predicted once per subset with
+    the other sequences zeroed and marked unavailable, scored by ``region_metrics``), but keeping
+    every case's scores: the inference API returns only their means, and the study's paired
+    statistics need them.
+
+    Returns:
+        ``(rows, cases)``: one row per subset (``subset``, ``missing``, ``n_cases`` and the mean
+        metrics) and case id -> subset name -> metrics.
+    """
+    import logging
+
+    import nibabel as nib
+
+    from segmerge.inference import discover_cases
+    from segmerge.inference.evaluate import (
+        METRIC_KEYS,
+        all_subsets,
+        ground_truth_files,
+        region_metrics,
+    )
+
+    logger = logging.getLogger("segmerge.study")
+    chosen = all_subsets()
+    labels = ground_truth_files(datalist)
+    cases: dict[str, dict[str, dict[str, float]]] = {}
+    for case in discover_cases(datalist):
+        if case.case_id not in labels:
+            continue
+        try:
+            predictor.check_inputs(case)
+            data = predictor.prepare(case)
+        except ValueError as err:  # a bad case is reported and left out, as in evaluate
+            logger.warning("study evaluation: skipping %s", err)
+            continue
+        img = nib.load(str(labels[case.case_id]))
+        gt = np.asarray(img.dataobj)
+        spacing = img.header.get_zooms()[:3]
+        for subset in chosen:
+            if not set(subset) <= set(case.images):
+                continue
+            pred = predictor.to_labels(predictor.infer(data, use=subset))
+            scores = region_metrics(pred, gt, spacing, predictor.et_label)
+            cases.setdefault(case.case_id, {})["+".join(subset)] = scores
+    rows = []
+    for subset in chosen:
+        name = "+".join(subset)
+        have = [c[name] for c in cases.values() if name in c]
+        row: dict[str, Any] = {
+            "subset": name,
+            "missing": "+".join(m for m in MODALITIES if m not in subset) or "-",
+            "n_cases": len(have),
+        }
+        for key in METRIC_KEYS:
+            row[key] = float(np.mean([h[key] for h in have])) if have else float("nan")
+        rows.append(row)
+    return rows, cases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m segmerge.study.evaluation SPEC.json``: one evaluation of a study, in its own
+    process.
+
+    ``SPEC.json`` holds the arguments of :func:`evaluate_model` plus ``result`` (where the
+    :meth:`EvaluationResult.to_dict` JSON is written, atomically) and ``num_threads`` (intra-op
+    threads, optional). Exit status 0 on success, 1 with the error on stderr otherwise.
+    """
+    import sys
+
+    from segmerge.atomic import write_text_atomic
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m segmerge.study.evaluation SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    if spec.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(spec.pop("num_threads")))
+    spec.pop("num_threads", None)
+    result_path = Path(spec.pop("result"))
+    try:
+        result = evaluate_model(**spec)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"segmerge study evaluation: error: {err}", file=sys.stderr)
+        return 1
+    write_text_atomic(result_path, json.dumps(result.to_dict()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
