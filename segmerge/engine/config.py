@@ -47,6 +47,9 @@ __all__ = [
 NAMED_OPTIONS: dict[str, str | None] = {
     "data": "dataset#path",
     "aggregator": None,
+    "network": None,
+    "subsets": "objectives#subsets",
+    "jacobian": "jacobian",
     "epochs": "epochs",
     "steps_per_epoch": "steps_per_epoch",
     "batch_size": "batch_size",
@@ -72,6 +75,9 @@ FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "help", "expr")
 _HELP = {
     "data": "dataset: datalist JSON or BraTS 2021/2023 folder (default: cached phantoms)",
     "aggregator": "gradient aggregator, one of configs/aggregators/*.json (default gmd)",
+    "network": "network preset, one of configs/networks/*.json: late or shared",
+    "subsets": "objectives per modality subset: all, singles+full, <k> drawn per step, none",
+    "jacobian": "per-objective gradients w.r.t. parameters (exact) or outputs",
     "epochs": "number of epochs",
     "steps_per_epoch": "optimizer steps per epoch",
     "batch_size": "patches per step (per process under torchrun)",
@@ -109,6 +115,7 @@ class TrainOptions:
     """
 
     aggregator: str | None = None
+    network: str | None = None
     resume: str | None = None
     config_files: list[str] = field(default_factory=list)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
@@ -169,6 +176,8 @@ def parse_argv(argv: Sequence[str]) -> TrainOptions:
             i += 2
         if key == "aggregator":
             opts.aggregator = str(value)
+        elif key == "network":
+            opts.network = str(value)
         elif key == "resume":
             opts.resume = str(value)
         elif key == "config":
@@ -289,6 +298,15 @@ def load_config(
                 f"available: {', '.join(names)}"
             )
         _merge_file(parser, folder / "aggregators" / f"{name}.json")
+    if opts.network is not None:  # a preset: network_def and the objectives that fit it
+        presets = sorted(p.stem for p in (folder / "networks").glob("*.json"))
+        name = opts.network.lower()
+        if name not in presets:
+            raise ConfigError(
+                f"unknown network {opts.network!r}{closest(name, presets)}; "
+                f"available: {', '.join(presets)}"
+            )
+        _merge_file(parser, folder / "networks" / f"{name}.json")
     for extra in files:
         _merge_file(parser, Path(extra))
     for key, value in opts.overrides:

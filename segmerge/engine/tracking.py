@@ -7,22 +7,35 @@ the logging interval, never one call per value.
 
 Local default store: ``sqlite:///<output>/mlflow.db`` with artifacts in ``<output>/artifacts``
 (MLflow 3 refuses a plain folder as tracking store).
+
+Every call is bounded: MLflow's REST client reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s),
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (7) and ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` (2) at each
+request, i.e. minutes of silent retries per call; :func:`bound_http_requests` sets 10 s, 2 retries
+and factor 1 unless the user set them. At start, :func:`check_tracking_uri` asks a remote server's
+API (not only ``/health``) with a short timeout, so an unusable store fails before training. During
+the run a failing store does not stop training (:class:`Tracker` ``resilient``): the metrics stay
+queued and are retried at later flushes, a message says so once, and the caller is told through
+``on_failure`` (the trainer saves a checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Tracker",
+    "TrackingError",
+    "bound_http_requests",
     "default_tracking_uri",
     "check_tracking_uri",
     "flatten_params",
@@ -33,6 +46,40 @@ MAX_PARAM_VALUE = 6000  # MLflow 3 limit for a param value
 MAX_KEY = 250
 BATCH_METRICS = 1000
 BATCH_PARAMS = 100
+RETRY_AFTER_S = 30.0  # after a failed call, wait this long before trying the store again
+MAX_QUEUED = 1_000_000  # metrics kept while the store is unreachable
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+_SCHEMES = (
+    "sqlite",
+    "http",
+    "https",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store failed (message names the store and the reason)."""
+
+
+def bound_http_requests() -> dict[str, str]:
+    """Bound MLflow's HTTP timeouts and retries (``HTTP_BOUNDS``) unless already set; returns the
+    values in force."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in HTTP_BOUNDS}
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -55,12 +102,18 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         timeout: seconds to wait for a remote server's health endpoint.
 
     Raises:
-        ValueError: unsupported URI, folder not writable, or server unreachable.
+        ValueError: unsupported URI, folder not writable, or server unreachable or unusable.
     """
     if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
         raise ValueError(
             f"tracking URI {uri!r}: MLflow 3 does not accept a plain folder as tracking store; "
             "use sqlite:///<abs path>/mlflow.db or an http:// server"
+        )
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(
+            f"tracking URI {uri!r}: unsupported scheme {scheme!r}; use sqlite:///<abs path>/mlflow.db, "
+            "http(s)://host:port or a database URI (postgresql://, mysql://, mssql://)"
         )
     db = _sqlite_path(uri)
     if db is not None:
@@ -77,20 +130,34 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             raise ValueError(f"tracking store {uri}: {db} is not writable")
         return
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's URI
-                if resp.status != 200:
-                    raise ValueError(f"tracking server {uri} answered {resp.status} on /health")
-        except (urllib.error.URLError, OSError) as err:
-            raise ValueError(f"tracking server {uri} cannot be reached: {err}") from err
+        base = uri.rstrip("/")
+        # /health alone is not enough: a server can answer it and hang or fail on the API
+        probes = (
+            ("/health", "/health"),
+            ("/api/2.0/mlflow/experiments/search?max_results=1", "its REST API"),
+        )
+        for path, what in probes:
+            try:
+                with urllib.request.urlopen(base + path, timeout=timeout) as resp:  # noqa: S310
+                    if resp.status != 200:
+                        raise ValueError(f"tracking server {uri} answered {resp.status} on {what}")
+            except urllib.error.HTTPError as err:
+                raise ValueError(
+                    f"tracking server {uri} answered {err.code} ({err.reason}) on {what}"
+                ) from err
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                raise ValueError(
+                    f"tracking server {uri} cannot be reached on {what} within {timeout:g} s: "
+                    f"{reason}"
+                ) from err
 
 
 def ui_command(uri: str) -> str:
     """The command that opens the store in the MLflow UI."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def _shorten(value: Any) -> str:
@@ -120,6 +187,10 @@ def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+class _Skipped(Exception):
+    """A store call that failed (or was not tried) in resilient mode."""
+
+
 class Tracker:
     """One MLflow run, written through ``MlflowClient`` in batches.
 
@@ -130,6 +201,12 @@ class Tracker:
         run_id: existing run to continue (resume); its status is set back to RUNNING.
         enabled: False on ranks other than 0: every method is a no-op.
         tags: tags of a new run.
+        say: where the one-time failure / recovery messages go (default: stderr).
+
+    Creating the tracker talks to the store and raises :class:`TrackingError` when it fails (an
+    unusable store stops the command before training). Set :attr:`resilient` once the run is under
+    way: a failing call is then recorded instead of raised, metrics stay queued and are retried
+    (at most every ``RETRY_AFTER_S`` seconds), and ``on_failure(reason)`` is called once.
     """
 
     def __init__(
@@ -140,32 +217,79 @@ class Tracker:
         run_id: str | None = None,
         enabled: bool = True,
         tags: Mapping[str, str] | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.enabled = enabled
         self.tracking_uri = tracking_uri
         self.run_id: str | None = run_id
         self._metrics: list[Any] = []
+        self._tags: dict[str, str] = {}
+        self.resilient = False
+        self.on_failure: Callable[[str], None] | None = None
+        self.failure: str | None = None  # the last failure's reason, None while healthy
+        self.failures = 0
+        self._retry_at = 0.0
+        self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         if not enabled:
             return
+        bound_http_requests()
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        if run_id is not None:
-            run = self.client.get_run(run_id)
-            self.experiment_id = run.info.experiment_id
-            self.client.update_run(run_id, status="RUNNING")
-            return
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            db = _sqlite_path(tracking_uri)
-            location = str(db.parent / "artifacts") if db is not None else None
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            if run_id is not None:
+                run = self.client.get_run(run_id)
+                self.experiment_id = run.info.experiment_id
+                self.client.update_run(run_id, status="RUNNING")
+                return
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                db = _sqlite_path(tracking_uri)
+                location = str(db.parent / "artifacts") if db is not None else None
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location
+                )
+            else:
+                self.experiment_id = exp.experiment_id
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags=dict(tags or {})
             )
-        else:
-            self.experiment_id = exp.experiment_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        except Exception as err:
+            raise TrackingError(f"MLflow store {tracking_uri}: {_reason(err)}") from err
         self.run_id = run.info.run_id
+
+    # ------------------------------------------------------------------ store calls
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One store call; in resilient mode a failure is recorded and :class:`_Skipped` raised."""
+        if self.failure is not None and time.monotonic() < self._retry_at:
+            raise _Skipped
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as err:
+            reason = f"{what}: {_reason(err)}"
+            if not self.resilient:
+                raise TrackingError(f"MLflow store {self.tracking_uri}: {reason}") from err
+            first = self.failures == 0
+            self.failure = reason
+            self.failures += 1
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            if first:
+                self._say(
+                    f"MLflow store {self.tracking_uri} failed ({reason}); training continues, "
+                    f"metrics are kept and retried every {RETRY_AFTER_S:g} s (said once)"
+                )
+                if self.on_failure is not None:
+                    self.on_failure(reason)
+            raise _Skipped from err
+        if self.failure is not None:
+            self.failure = None
+            self._say(f"MLflow store {self.tracking_uri} answers again; sending queued metrics")
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Metrics queued and not yet sent."""
+        return len(self._metrics)
 
     # ------------------------------------------------------------------ params
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -175,18 +299,35 @@ class Tracker:
         from mlflow.entities import Param
 
         flat = flatten_params(dict(params))
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, v) for k, v in flat.items() if k not in existing]
-        for i in range(0, len(items), BATCH_PARAMS):
-            self.client.log_batch(self.run_id, params=items[i : i + BATCH_PARAMS])
+        try:
+            existing = self._call("get_run", self.client.get_run, self.run_id).data.params
+            items = [Param(k, v) for k, v in flat.items() if k not in existing]
+            for i in range(0, len(items), BATCH_PARAMS):
+                self._call(
+                    "log_batch", self.client.log_batch, self.run_id,
+                    params=items[i : i + BATCH_PARAMS],
+                )  # fmt: skip
+        except _Skipped:
+            pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Set run tags (one batch)."""
+        """Set run tags (one batch; kept and retried with the metrics if the store fails)."""
         if not self.enabled:
             return
+        self._tags.update({k: str(v) for k, v in tags.items()})
+        self._send_tags()
+
+    def _send_tags(self) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if not self._tags:
+            return
+        tags = [RunTag(k, v) for k, v in self._tags.items()]
+        try:
+            self._call("log_batch", self.client.log_batch, self.run_id, tags=tags)
+        except _Skipped:
+            return
+        self._tags = {}
 
     # ------------------------------------------------------------------ metrics
     def add_metrics(self, values: Mapping[str, float], step: int) -> None:
@@ -195,18 +336,29 @@ class Tracker:
             return
         from mlflow.entities import Metric
 
+        from segmerge.objectives.names import metric_key  # subset names hold '+' (not allowed)
+
         now = int(time.time() * 1000)
         for key, value in values.items():
-            self._metrics.append(Metric(key, float(value), now, int(step)))
+            self._metrics.append(Metric(metric_key(key), float(value), now, int(step)))
+        if len(self._metrics) > MAX_QUEUED:  # store gone for long: keep the newest
+            del self._metrics[: len(self._metrics) - MAX_QUEUED]
 
     def flush(self) -> int:
-        """Send queued metrics with ``log_batch``; returns how many were sent."""
-        if not self.enabled or not self._metrics:
+        """Send queued metrics (and tags) with ``log_batch``; returns how many metrics were sent."""
+        if not self.enabled:
             return 0
-        queued, self._metrics = self._metrics, []
-        for i in range(0, len(queued), BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=queued[i : i + BATCH_METRICS])
-        return len(queued)
+        self._send_tags()
+        sent = 0
+        while self._metrics:
+            batch = self._metrics[:BATCH_METRICS]
+            try:
+                self._call("log_batch", self.client.log_batch, self.run_id, metrics=batch)
+            except _Skipped:
+                break
+            del self._metrics[: len(batch)]
+            sent += len(batch)
+        return sent
 
     def log_metrics(self, values: Mapping[str, float], step: int) -> None:
         """Queue and send at once (for rare events such as validation)."""
@@ -218,7 +370,12 @@ class Tracker:
         if not self.enabled:
             return []
         self.flush()
-        hist = self.client.get_metric_history(self.run_id, key)
+        try:
+            hist = self._call(
+                "get_metric_history", self.client.get_metric_history, self.run_id, key
+            )
+        except _Skipped:
+            return []
         return sorted((m.step, m.value) for m in hist)
 
     def metric_keys(self) -> list[str]:
@@ -226,13 +383,24 @@ class Tracker:
         if not self.enabled:
             return []
         self.flush()
-        return sorted(self.client.get_run(self.run_id).data.metrics)
+        try:
+            run = self._call("get_run", self.client.get_run, self.run_id)
+        except _Skipped:
+            return []
+        return sorted(run.data.metrics)
 
     # ------------------------------------------------------------------ artifacts
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Upload one file."""
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> bool:
+        """Upload one file; False when the store failed (resilient mode)."""
+        if not self.enabled:
+            return False
+        try:
+            self._call(
+                "log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path
+            )
+        except _Skipped:
+            return False
+        return True
 
     def log_artifacts(self, paths: Iterable[str | os.PathLike], artifact_path: str | None) -> None:
         """Upload several files into one artifact folder."""
@@ -242,12 +410,25 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write a text artifact."""
         if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)
+            try:
+                self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)
+            except _Skipped:
+                pass
 
     # ------------------------------------------------------------------ end
-    def end(self, status: str = "FINISHED") -> None:
-        """Flush and mark the run ``FINISHED`` / ``KILLED`` / ``FAILED``."""
+    def end(self, status: str = "FINISHED") -> bool:
+        """Flush and mark the run ``FINISHED`` / ``KILLED`` / ``FAILED``.
+
+        Returns:
+            True when the store took the final status and every queued metric; False otherwise
+            (resilient mode: the reason is in :attr:`failure`).
+        """
         if not self.enabled:
-            return
+            return True
+        self._retry_at = 0.0  # the last chance: try now
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self._call("set_terminated", self.client.set_terminated, self.run_id, status=status)
+        except _Skipped:
+            return False
+        return not self._metrics

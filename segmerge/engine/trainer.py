@@ -39,15 +39,25 @@ from segmerge.conventions import REGIONS
 from segmerge.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_torch_save,
+    changed_settings,
     load_checkpoint,
     resolved_config,
     rng_state,
     set_rng_state,
+    stored_config,
 )
 from segmerge.engine.config import ConfigError
+from segmerge.engine.lock import FolderLock, FolderLocked
 from segmerge.engine.metrics_buffer import StepMetrics
 from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
-from segmerge.engine.tracking import Tracker, check_tracking_uri, default_tracking_uri, ui_command
+from segmerge.engine.tracking import (
+    Tracker,
+    TrackingError,
+    bound_http_requests,
+    check_tracking_uri,
+    default_tracking_uri,
+    ui_command,
+)
 from segmerge.engine.validation import (
     ValidationResult,
     crop_around_tumour,
@@ -55,9 +65,12 @@ from segmerge.engine.validation import (
     heads_of,
     validate,
 )
+from segmerge.overrides import decode_literal
 
 __all__ = [
+    "RESUME_MAY_CHANGE",
     "Trainer",
+    "TrainingFailed",
     "TrainResult",
     "dataset_location",
     "format_summary",
@@ -77,7 +90,11 @@ class TrainResult:
         dice: validation Dice per region and mean of the weights written to the bundle.
         hd95: validation HD95 per region and mean of those weights.
         best_epoch: epoch of the best validation.
-        model_path: ``<bundle_root>/models/model.pt``.
+        model_path: ``<bundle_root>/models/model.pt`` (the latest run's weights).
+        run_model_path: ``<bundle_root>/models/<run id>/model.pt``, this run's own copy.
+        weights: ``"best"`` or ``"last"``: which weights were published (dice/hd95 are theirs).
+        resumed_from: the checkpoint's MLflow run when a resume started a new run.
+        notes: what the run said about its ending (tracking problems, a second interrupt).
         checkpoint_dir: folder holding ``last.pt`` and ``best.pt``.
         iteration: steps done.
         interrupted: True when stopped by SIGINT/SIGTERM (a checkpoint was saved).
@@ -91,11 +108,37 @@ class TrainResult:
     hd95: dict[str, float] = field(default_factory=dict)
     best_epoch: int = -1
     model_path: Path | None = None
+    run_model_path: Path | None = None
+    weights: str = ""
+    resumed_from: str | None = None
+    notes: list[str] = field(default_factory=list)
     checkpoint_dir: Path | None = None
     iteration: int = 0
     interrupted: bool = False
     wall_s: float = 0.0
     rank: int = 0
+
+
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "epochs", "stop_after", "checkpoint_every", "log_every", "progress", "num_threads",
+    "num_workers", "device", "bundle_root", "output_dir", "cache_dir", "tracking_uri",
+    "experiment", "run_name", "weights", "cache_rate", "validation#sw_batch_size",
+    "dataset#phantoms#workers",
+    # follows epochs; the scheduler's own state (restored) keeps the T_max it ran with
+    "lr_scheduler#T_max",
+)  # fmt: skip
+"""Settings a resume may change (recorded in the run); any other change is refused: it would make
+the continued run differ from an uninterrupted one (aggregator, network, data, seed, lr...)."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on an error after it started; the MLflow run is marked FAILED.
+
+    Attributes:
+        exit_status: what ``segmerge train`` returns (1).
+    """
+
+    exit_status = 1
 
 
 def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
@@ -150,11 +193,17 @@ def _check_float(name: str, value: Any, lo: float, strict: bool = True) -> float
     return float(value)
 
 
+PROBE_BYTES = 1 << 20
+"""Bytes the writability check writes and syncs (an empty file still fits on a full disk)."""
+
+
 def _check_writable(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-") as fh:
+            fh.write(b"\0" * PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as err:
         raise ConfigError(f"{what} {folder} is not writable: {err}") from err
 
@@ -168,8 +217,11 @@ class Trainer:
 
     Args:
         parser: the merged configuration (``segmerge.engine.config.load_config``).
-        resume: checkpoint to continue from (its MLflow run is continued).
+        resume: checkpoint to continue from. Its MLflow run is continued when it is in this
+            store and not finished; otherwise a new run continues the checkpoint (tagged
+            ``segmerge.resumed_from``).
         resume_state: the already-loaded checkpoint (saves a second read).
+        continue_run: reopen the checkpoint's MLflow run even when it is finished.
     """
 
     def __init__(
@@ -177,16 +229,33 @@ class Trainer:
         parser: ConfigParser,
         resume: str | os.PathLike | None = None,
         resume_state: dict | None = None,
+        continue_run: bool = False,
     ) -> None:
         self.parser = parser
         self.resume_path = Path(resume) if resume else None
         self.resume_state = resume_state
+        self.continue_run = continue_run
+        self.bar: Any = None
         self.interrupted = False
         self._stop_reason: str | None = None
 
     # ================================================================== setup
     def setup(self) -> None:
         """Everything that can fail on bad input, before the first training step."""
+        self.lock: FolderLock | None = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder's lock (idempotent)."""
+        lock, self.lock = getattr(self, "lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def _setup(self) -> None:
         t0 = time.time()
         self._init_distributed()
         p = self.parser
@@ -219,6 +288,7 @@ class Trainer:
         self.scaler = None
         if self.amp:
             self.scaler = torch.amp.GradScaler("cuda")
+        step_options = _jacobian_option(TrainStep, p.get("jacobian", "parameters"))
         try:
             self.train_step = TrainStep(
                 self.network,
@@ -228,6 +298,7 @@ class Trainer:
                 refresh_every=self.refresh_every,
                 clip_norm=p.get_parsed_content("clip_norm"),
                 scaler=self.scaler,
+                **step_options,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -237,8 +308,10 @@ class Trainer:
         self.best = {"metric": -1.0, "epoch": -1, "dice": {}, "hd95": {}}
         self.run_id: str | None = None
         # the configuration as data (checkpoints, MLflow params): resolved once, RNG-neutral
-        self.resolved, self.resolved_expressions = resolved_config(p)
+        self.resolved, self.resolved_expressions, self.resolved_derived = resolved_config(p)
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
         if self.resume_state is not None:
+            self.resume_changes = self._check_resume_changes(self.resume_state)
             self._restore(self.resume_state)
         self._start_tracking()
         self.setup_s = time.time() - t0
@@ -326,6 +399,17 @@ class Trainer:
         if self.is_main:
             _check_writable(self.output_dir, "output folder")
             _check_writable(self.bundle_root / "models", "bundle models folder")
+            try:
+                self.lock = FolderLock(self.output_dir).acquire()
+            except FolderLocked as err:
+                raise ConfigError(str(err)) from err
+            if self.lock.took_over:
+                old = self.lock.took_over
+                self._say(
+                    f"output folder {self.output_dir}: taking over the lock left by pid "
+                    f"{old.get('pid')} on {old.get('host')} (started {old.get('started')}), "
+                    "which is no longer running"
+                )
             try:
                 check_tracking_uri(self.tracking_uri)
             except ValueError as err:
@@ -473,26 +557,62 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ tracking
+    def _run_to_continue(self) -> tuple[str | None, str]:
+        """On resume: the MLflow run to reopen (None: a new one) and the line that says so."""
+        old = self.resumed_run_id
+        if not old:
+            return None, "resume: the checkpoint names no MLflow run; starting a new run"
+        from mlflow.tracking import MlflowClient
+
+        bound_http_requests()
+        try:
+            run = MlflowClient(tracking_uri=self.tracking_uri).get_run(old)
+        except Exception as err:
+            if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise ConfigError(f"MLflow store {self.tracking_uri}: {_root_message(err)}") from err
+            return None, (
+                f"resume: the checkpoint's MLflow run {old} is not in {self.tracking_uri}; a new "
+                f"run continues the checkpoint (tag segmerge.resumed_from={old})"
+            )
+        status = run.info.status
+        complete = run.data.tags.get("segmerge.completed", "true") == "true"
+        if status == "FINISHED" and complete and not self.continue_run:
+            return None, (
+                f"resume: MLflow run {old} is finished; a new run continues the checkpoint (tag "
+                f"segmerge.resumed_from={old}; --continue-run reopens the finished run instead)"
+            )
+        return old, f"resume: continuing MLflow run {old} (it was {status})"
+
     def _start_tracking(self) -> None:
         self.checkpoint_root = self.output_dir / "checkpoints"
         enabled = self.is_main
+        reopen, note = None, ""
+        if self.resume_state is not None and self.is_main:
+            reopen, note = self._run_to_continue()
+        tags = {
+            **run_tags_from_env(),
+            "segmerge.command": "train",
+            "segmerge.world_size": str(self.world),
+            "segmerge.completed": "false",
+        }
+        self.resumed_from = None
+        if self.resume_state is not None and reopen is None and self.resumed_run_id:
+            self.resumed_from = str(self.resumed_run_id)
+            tags["segmerge.resumed_from"] = self.resumed_from
         try:
             self.tracker = Tracker(
                 self.tracking_uri,
                 experiment=self.experiment,
                 run_name=self.run_name,
-                run_id=self.run_id,
+                run_id=reopen,
                 enabled=enabled,
                 # $SEGMERGE_RUN_TAGS (a JSON object) adds tags to a new run: compare passes
                 # mlflow.parentRunId and its study tags so each training nests under the study
-                tags={
-                    **run_tags_from_env(),
-                    "segmerge.command": "train",
-                    "segmerge.world_size": str(self.world),
-                },
+                tags=tags,
+                say=self._say,
             )
-        except Exception as err:
-            raise ConfigError(f"MLflow store {self.tracking_uri}: {_root_message(err)}") from err
+        except (TrackingError, ConfigError) as err:
+            raise ConfigError(str(err)) from err
         run_id = self.tracker.run_id
         if self.world > 1:
             box = [run_id]
@@ -500,12 +620,41 @@ class Trainer:
             run_id = box[0]
         self.run_id = run_id
         self.checkpoint_dir = self.checkpoint_root / str(run_id)
-        if self.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a killed writer
-                stale.unlink(missing_ok=True)
-            if self.resume_state is None:
-                self._log_params()
+        if not self.is_main:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+        if reopen is None:
+            self._log_params()
+        if self.resume_state is not None:
+            self._say(note)
+            self._record_resume()
+        # from here on a failing store does not stop training (metrics are kept and retried)
+        self.tracker.resilient = True
+        self.tracker.on_failure = self._on_tracking_failure
+
+    def _record_resume(self) -> None:
+        """Copy the source's best.pt into a new run's folder; record changed settings."""
+        source = self.resume_path.parent if self.resume_path is not None else None
+        best = source / "best.pt" if source is not None else None
+        if best is not None and best.is_file() and source.resolve() != self.checkpoint_dir.resolve():
+            shutil.copyfile(best, self.checkpoint_dir / "best.pt")
+        it = self.iteration
+        tags = {f"segmerge.resumed_at_step.{it}": str(self.resume_path)}
+        if self.resume_changes:
+            text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(self.resume_changes.items()))
+            tags[f"segmerge.resume_changes.{it}"] = text[:5000]
+            self._say(f"resume: changed settings (recorded in the run): {text}")
+            self.tracker.log_text(
+                json.dumps(self.resolved, indent=2, default=repr), f"config/resolved-from-step-{it}.json"
+            )
+        self.tracker.set_tags(tags)
+
+    def _on_tracking_failure(self, reason: str) -> None:
+        """The store failed during the run (said once by the tracker): keep a checkpoint now."""
+        if getattr(self, "train_started", False):
+            self.save_checkpoint()
 
     def _log_params(self) -> None:
         import mlflow
@@ -546,14 +695,16 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "ogr": self.ogr.state_dict(),
             "metrics": self.metrics.state_dict(),
+            "objectives": getattr(self.objectives, "state_dict", dict)(),  # subset draws
             "rng": rng_state(),
             "iteration": int(self.iteration),
             "epoch": int(self.iteration // self.steps_per_epoch),
             "best": dict(self.best),
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
-            "config": json.dumps(self.resolved),
+            "config": json.dumps(self.resolved, default=repr),
             "config_expressions": list(self.resolved_expressions),
+            "config_derived": dict(self.resolved_derived),
         }
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
@@ -566,7 +717,57 @@ class Trainer:
             atomic_torch_save(state, self.checkpoint_dir / "best.pt")
         return path
 
+    def _check_resume_changes(self, state: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from the checkpoint's: refused unless in RESUME_MAY_CHANGE."""
+        stored = stored_config(state, self.resume_path)
+        if int(state.get("format", 1)) >= 2:
+            now: Mapping[str, Any] = self.resolved
+        else:  # format 1 stored the raw configuration
+            raw = decode_literal(self.parser.get())
+            now = {k: v for k, v in raw.items() if k not in ("_comment", "imports")}
+            stored = {k: v for k, v in stored.items() if k not in ("_comment", "imports")}
+        changes = changed_settings(stored, now)
+        refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+        if refused:
+            listing = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(refused.items()))
+            raise ConfigError(
+                f"--resume {self.resume_path}: {listing} differ from the checkpoint's settings; "
+                "the continued run would not be the run it continues. Start a new training for "
+                f"that (a resume may change: {', '.join(RESUME_MAY_CHANGE)})"
+            )
+        return changes
+
+    def _check_network_state(self, weights: Mapping[str, Any]) -> None:
+        """A short message when the checkpoint's weights are not this network's."""
+        own = self.network.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        shapes = [
+            k
+            for k in own
+            if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(own[k].shape)
+        ]
+        if missing or unexpected or shapes:
+            parts = []
+            for what, keys in (("missing", missing), ("unexpected", unexpected)):
+                if keys:
+                    parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+            if shapes:
+                k = shapes[0]
+                parts.append(
+                    f"{len(shapes)} of another shape (e.g. {k}: "
+                    f"{tuple(weights[k].shape)} vs {tuple(own[k].shape)})"
+                )
+            raise ConfigError(
+                f"--resume {self.resume_path}: the checkpoint's network is not this one: "
+                + ", ".join(parts)
+                + " parameter tensors"
+            )
+
     def _restore(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state.get("model"), Mapping):
+            raise ConfigError(f"--resume {self.resume_path}: the checkpoint holds no model weights")
+        self._check_network_state(state["model"])
         try:
             self.network.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -574,6 +775,8 @@ class Trainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.aggregator.load_state_dict(state["aggregator"])
             self.train_step.load_state_dict(state["train_step"])
+            if hasattr(self.objectives, "load_state_dict"):
+                self.objectives.load_state_dict(state.get("objectives", {}))
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(
                 f"--resume {self.resume_path}: checkpoint does not match this configuration "
@@ -586,7 +789,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         self.best = dict(state["best"])
-        self.run_id = state.get("run_id")
+        self.resumed_run_id = state.get("run_id")
         if self.iteration > self.total_steps:
             raise ConfigError(
                 f"--resume: checkpoint is at step {self.iteration}, beyond epochs x "
@@ -712,6 +915,7 @@ class Trainer:
             values.update({f"blending/weight/{h}": w for h, w in weights.items()})
         values["epoch"] = epoch
         self.last_result = result
+        self._last_val_it = it
         is_best = result.dice["mean"] > self.best["metric"]
         if is_best:
             self.best = {
@@ -731,7 +935,7 @@ class Trainer:
         return result
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
-        if self._signal is not None:  # second Ctrl-C: stop now
+        if self._signal is not None:  # second Ctrl-C: stop now (run() ends the MLflow run)
             raise KeyboardInterrupt
         self._signal = signum
         self._say(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping")
@@ -740,7 +944,7 @@ class Trainer:
         """A log line on rank 0 (through the progress bar when there is one)."""
         if not self.is_main:
             return
-        if self.bar is not None:
+        if getattr(self, "bar", None) is not None:
             self.bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
@@ -753,6 +957,8 @@ class Trainer:
 
         t0 = time.time()
         self._needs_ref = bool(getattr(self.aggregator, "needs_reference", False))
+        self.notes: list[str] = []
+        self._last_val_it = -1
         start = self.iteration
         self._start_epoch = start // self.steps_per_epoch
         self._last_flush_t, self._last_flush_it = time.time(), start
@@ -793,21 +999,70 @@ class Trainer:
                 trainer.state.epoch = start // self.steps_per_epoch
                 trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
                 trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+                self.train_started = True
                 trainer.run()
                 self.iteration = trainer.state.iteration
+            return self._finish(t0)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, no new checkpoint
+            self.interrupted = True
+            line = (
+                "second interrupt: stopped at once without a new checkpoint; the last one "
+                f"({self.checkpoint_dir / 'last.pt'}) is kept"
+            )
+            self._say(line)
+            self.notes.append(line)
+            return self._finish(t0, abrupt=True)
+        except Exception as err:
+            raise self._fail(err) from err
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             if self.bar is not None:
                 self.bar.close()
-        try:
-            return self._finish(t0)
-        finally:
             torch.set_num_threads(self._prev_threads)  # in-process callers keep their setting
+            self.close()
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
-    def _finish(self, t0: float) -> TrainResult:
+    def _fail(self, err: BaseException) -> TrainingFailed:
+        """Mark the MLflow run FAILED and describe what went wrong, for exit status 1."""
+        import errno
+
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = f"the disk is full ({err.filename or self.output_dir}: {err.strerror})"
+        elif isinstance(err, OSError):
+            what = f"a file could not be written or read: {err}"
+        else:
+            what = _root_message(err)
+        last = self.checkpoint_dir / "last.pt" if hasattr(self, "checkpoint_dir") else None
+        kept = (
+            f"; the last checkpoint ({last}) is kept: --resume continues from it"
+            if last is not None and last.is_file()
+            else ""
+        )
+        ended = ""
+        if self.is_main and hasattr(self, "tracker"):
+            ended = "" if self.tracker.end("FAILED") else " (the store did not take the status)"
+        message = (
+            f"training stopped at step {self.iteration}: {what}; MLflow run {self.run_id} marked "
+            f"FAILED{ended}{kept}"
+        )
+        return TrainingFailed(message)
+
+    def _end_run(self, status: str, result: TrainResult) -> None:
+        """Give the MLflow run its final status; say so when the store does not take it."""
+        if not self.is_main:
+            return
+        if not self.tracker.end(status):
+            line = (
+                f"MLflow run {self.run_id}: the store did not take the final status {status} "
+                f"({self.tracker.failure}); {self.tracker.pending} metric value(s) not sent. "
+                f"Weights and checkpoints are written"
+            )
+            self._say(line)
+            result.notes.append(line)
+
+    def _finish(self, t0: float, abrupt: bool = False) -> TrainResult:
         result = TrainResult(
             run_id=self.run_id,
             tracking_uri=self.tracking_uri,
@@ -815,31 +1070,46 @@ class Trainer:
             iteration=self.iteration,
             interrupted=self.interrupted,
             rank=self.rank,
+            resumed_from=self.resumed_from,
+            notes=self.notes,
         )
         stopped_early = self.interrupted or self._stop_reason is not None
         if stopped_early:
-            self.tracker.flush()
-            self.tracker.end("KILLED" if self.interrupted else "FINISHED")
+            self._end_run("KILLED" if self.interrupted else "FINISHED", result)
             result.wall_s = time.time() - t0 + self.setup_s
             return result
-        if self.best["epoch"] < 0:  # resumed after the last validation or none happened
+        best_file = self.checkpoint_dir / "best.pt"
+        use_best = self.weights_choice == "best" and best_file.is_file()
+        if not use_best and self._last_val_it != self.iteration:
+            # resumed after the last validation, or no best.pt: measure what is published
             self._validate(self.iteration // self.steps_per_epoch)
-        use_best = self.weights_choice == "best" and (self.checkpoint_dir / "best.pt").is_file()
         weights = self.network.state_dict()
         if use_best and self.is_main:
-            weights = load_checkpoint(self.checkpoint_dir / "best.pt")["model"]
-        result.dice, result.hd95 = dict(self.best["dice"]), dict(self.best["hd95"])
-        result.best_epoch = int(self.best["epoch"])
-        if not use_best and self.last_result is not None:
-            result.dice, result.hd95 = self.last_result.dice, self.last_result.hd95
+            best_state = load_checkpoint(best_file)
+            weights = best_state["model"]
+            best = dict(best_state.get("best") or self.best)  # the metrics of these weights
+            result.dice, result.hd95 = dict(best["dice"]), dict(best["hd95"])
+            result.best_epoch = int(best["epoch"])
+            result.weights = "best"
+        elif self.last_result is not None:
+            result.dice, result.hd95 = dict(self.last_result.dice), dict(self.last_result.hd95)
+            result.best_epoch = self.iteration // self.steps_per_epoch
+            result.weights = "last"
         if self.is_main:
             cpu_weights = {k: v.detach().cpu() for k, v in weights.items()}
-            result.model_path = atomic_torch_save(
-                cpu_weights, self.bundle_root / "models" / "model.pt"
+            models = self.bundle_root / "models"
+            # this run's own copy first (its MLflow artifact), then the bundle's, each atomic
+            result.run_model_path = atomic_torch_save(cpu_weights, models / str(self.run_id) / "model.pt")
+            result.model_path = atomic_torch_save(cpu_weights, models / "model.pt")
+            self._log_artifacts(result.run_model_path)
+            self.tracker.set_tags(
+                {
+                    "segmerge.weights": result.weights or self.weights_choice,
+                    "segmerge.weights_epoch": result.best_epoch,
+                    "segmerge.completed": "true",
+                }
             )
-            self._log_artifacts(result.model_path)
-            self.tracker.set_tags({"segmerge.weights": self.weights_choice})
-            self.tracker.end("FINISHED")
+            self._end_run("FINISHED", result)
         _barrier()
         result.wall_s = time.time() - t0 + self.setup_s
         return result
@@ -897,6 +1167,22 @@ class Trainer:
             self.tracker.log_artifact(model_path, "model")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _jacobian_option(train_step_cls: type, jacobian: Any) -> dict[str, Any]:
+    """``{"jacobian": ...}`` for ``TrainStep`` (``parameters`` | ``outputs``), checked early."""
+    import inspect
+
+    if jacobian not in ("parameters", "outputs"):
+        raise ConfigError(f"jacobian must be 'parameters' or 'outputs', got {jacobian!r}")
+    if "jacobian" in inspect.signature(train_step_cls).parameters:
+        return {"jacobian": jacobian}
+    if jacobian != "parameters":
+        raise ConfigError(
+            "--jacobian outputs needs TrainStep(jacobian=...), which this segmerge.step does not "
+            "offer yet; use --jacobian parameters (the exact Jacobian)"
+        )
+    return {}
 
 
 def _in_main_thread() -> bool:

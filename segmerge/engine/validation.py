@@ -2,30 +2,30 @@
 
 Empty-region conventions (BraTS, ../shared/docs/conventions.md): Dice is 1 when prediction and
 ground truth are both empty and 0 when exactly one is; HD95 is 0 when both are empty and
-``HD95_EMPTY`` (373.13) when exactly one is. MONAI's metrics return NaN/inf there, so the
-conventions are applied here after the fact.
+``HD95_EMPTY`` (373.13) when exactly one is. Scores come from
+:func:`segmerge.conventions.region_scores`, the function ``segmerge evaluate`` uses, with the voxel
+spacing of each case's image affine: HD95 is in millimetres, as in evaluation.
 
 Under torch.distributed each rank evaluates its share of the cases and the sums are all-reduced,
 so every rank ends with the same numbers (Gradient-Blending's weights must agree on all ranks).
 
 Next to them, the means of the official BraTS 2023+ lesion-wise metrics (lesion-wise Dice, HD95
-in voxels of the validation grid, lesion F1; :mod:`segmerge.inference.lesionwise`) are logged as
+in mm, lesion F1; :mod:`segmerge.inference.lesionwise`) are logged as
 ``val/lesion_dice/<r>``, ``val/lesion_hd95/<r>``, ``val/lesion_f1/<r>``: cases where the official
 value is NaN (region empty in both) are left out of a mean, as the official parser does.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-from segmerge.conventions import HD95_EMPTY, REGIONS
+from segmerge.conventions import REGIONS, region_scores, voxel_spacing
 from segmerge.inference.lesionwise import lesion_metrics
 
 LESION_MEANS = ("lesion_dice", "lesion_hd95", "lesion_f1")
@@ -48,7 +48,7 @@ class ValidationResult:
 
     Attributes:
         dice: region -> mean Dice (plus ``mean`` over regions).
-        hd95: region -> mean HD95 in voxels of the validation grid (plus ``mean``).
+        hd95: region -> mean HD95 in mm (plus ``mean``).
         n_cases: number of cases evaluated (all ranks).
         example: one case's ``image``, ``label`` and ``pred`` (CPU tensors) for the montage.
     """
@@ -70,37 +70,6 @@ class ValidationResult:
         for name, values in self.lesion.items():
             out.update({f"{prefix}/{name}/{k}": v for k, v in values.items() if v == v})
         return out
-
-
-def region_scores(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and HD95 of binary region masks with the BraTS empty-region conventions.
-
-    Args:
-        pred: ``(B, R, *spatial)`` binary prediction.
-        target: ``(B, R, *spatial)`` binary ground truth.
-
-    Returns:
-        ``(dice, hd95)``, each ``(B, R)`` float tensors.
-    """
-    pred = pred.float()
-    target = target.float()
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, target)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns on every empty region; handled below
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
-            pred, target
-        )
-    spatial = tuple(range(2, pred.ndim))
-    p_empty = pred.sum(spatial) == 0
-    t_empty = target.sum(spatial) == 0
-    both = p_empty & t_empty
-    one = p_empty ^ t_empty
-    dice = torch.where(both, torch.ones_like(dice), torch.where(one, torch.zeros_like(dice), dice))
-    hd = hd.to(dice)
-    hd = torch.where(
-        both, torch.zeros_like(hd), torch.where(one, torch.full_like(hd, HD95_EMPTY), hd)
-    )
-    return dice, torch.nan_to_num(hd, nan=HD95_EMPTY, posinf=HD95_EMPTY)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -180,13 +149,19 @@ def validate(
                     mode="gaussian",
                 )
             pred = logits.float().sigmoid() > 0.5
-            dice, hd = region_scores(pred, label > 0.5)
+            # HD95 in mm, with evaluation's function: the validation grid is the input's voxel
+            # grid reoriented to RAS, whose affine the (Meta)tensor image carries
+            affine = case["image"].affine if isinstance(case["image"], MetaTensor) else None
+            if affine is not None and affine.ndim == 3:
+                affine = affine[0]
+            spacing = voxel_spacing(affine) if affine is not None else (1.0, 1.0, 1.0)
+            dice, hd = region_scores(pred, label > 0.5, spacing)
             sums[0] += dice.sum(0).double()
             sums[1] += hd.sum(0).double()
             count += dice.shape[0]
             # connected components and matching run on the CPU (cc3d, scipy): one copy per case
             for p_case, t_case in zip(pred.cpu().numpy(), (label > 0.5).cpu().numpy()):
-                scores = lesion_metrics(p_case, t_case, (1.0, 1.0, 1.0))
+                scores = lesion_metrics(p_case, t_case, spacing)
                 values = torch.tensor(
                     [[scores[f"{n}_{r}"] for r in REGIONS] for n in LESION_MEANS],
                     dtype=torch.float64,
@@ -339,15 +314,17 @@ def head_losses(
 def heads_of(losses: Mapping[str, float]) -> dict[str, float]:
     """Objective losses -> one loss per prediction head, for OGR.
 
-    The fused head's loss is that of its full-resolution objective ``fused.d0``; a modality
-    head's is ``modality.<m>``'s. Keys are head names: ``fused``, ``flair``, ``t1``...
+    The fused head's loss is that of its full-resolution objective ``fused.d0`` (or of the
+    full-set subset row); a modality head's is ``modality.<m>``'s (or ``subset.<m>``'s); see
+    :func:`segmerge.objectives.names.ogr_head`. Keys are head names: ``fused``, ``flair``...
     """
+    from segmerge.objectives.names import ogr_head
+
     out: dict[str, float] = {}
     for name, value in losses.items():
-        if name == "fused.d0":
-            out["fused"] = float(value)
-        elif name.startswith("modality."):
-            out[name.split(".", 1)[1]] = float(value)
+        head = ogr_head(name)
+        if head is not None and head not in out:
+            out[head] = float(value)
     return out
 
 

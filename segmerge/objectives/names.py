@@ -8,8 +8,10 @@ Grammar (``<l>`` a depth index, ``.d0`` never written for modality and subset ro
                                    in ``MODALITIES`` order (``subset.flair+t1ce``,
                                    ``subset.flair+t1+t1ce+t2.d2``)
 
-These names flow unchanged into losses, coefficient matrices, metric keys and plots. Modality
-names may not contain ``.`` or ``+`` (they would make the names ambiguous).
+These names flow unchanged into losses, coefficient matrices, checkpoints and plots. MLflow
+metric keys may not contain ``+``: there :func:`metric_key` writes it as ``-``
+(``loss/subset.flair-t1ce``), the one translation. Modality names may not contain ``.``, ``+``
+or ``-`` (they would make the names ambiguous).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "check_modality_names",
     "format_objective",
     "head_of",
+    "metric_key",
     "modality_subsets",
     "objective_names",
     "ogr_head",
@@ -135,9 +138,9 @@ def check_modality_names(modalities: Sequence[str]) -> tuple[str, ...]:
     if not mods or len(set(mods)) != len(mods):
         raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
     for m in mods:
-        if not m or "." in m or "+" in m or re.fullmatch(r"d\d+", m):
+        if not m or any(c in m for c in ".+-") or re.fullmatch(r"d\d+", m):
             raise ValueError(
-                f"modality name {m!r} must be non-empty, without '.' or '+' and not 'd<int>' "
+                f"modality name {m!r} must be non-empty, without '.', '+' or '-' and not 'd<int>' "
                 "(objective names such as 'subset.flair+t1.d1' are built from it)"
             )
     return mods
@@ -284,3 +287,13 @@ def ogr_head(name: str, modalities: Sequence[str] = MODALITIES) -> str | None:
     if len(parsed.modalities) == 1:
         return parsed.modalities[0]
     return None
+
+
+def metric_key(key: str) -> str:
+    """An MLflow-valid metric key: ``+`` (not allowed by MLflow) written as ``-``.
+
+    Example:
+        >>> metric_key("loss/subset.flair+t1ce")
+        'loss/subset.flair-t1ce'
+    """
+    return key.replace("+", "-")
