@@ -8,10 +8,12 @@ Channel order of the network input (written into the bundle's ``channel_def``):
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 """Canonical modality names, in network channel order."""
@@ -136,3 +138,55 @@ def regions_to_labels(regions: np.ndarray | torch.Tensor, et_label: int = 4):
     out[r[1]] = NCR
     out[r[2]] = et_label
     return out
+
+
+def region_scores(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    spacing: Sequence[float] | Sequence[Sequence[float]] = (1.0, 1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and HD95 (mm) of binary region masks with the BraTS empty-region conventions.
+
+    The one region metric of segmerge: validation during training and ``segmerge evaluate`` both
+    call it, so both report HD95 in millimetres. Dice is 1 when prediction and ground truth are
+    both empty and 0 when exactly one is; HD95 is 0 when both are empty and :data:`HD95_EMPTY`
+    when exactly one is (MONAI returns NaN/inf there, so the conventions are applied after).
+
+    Args:
+        pred: ``(B, R, *spatial)`` binary prediction.
+        target: ``(B, R, *spatial)`` binary ground truth.
+        spacing: voxel size in mm along the spatial axes, one triple for the batch or one per
+            case (``(B, 3)``), e.g. the zooms of the ground truth's header or
+            :func:`voxel_spacing` of the image's affine (the default, 1 mm, is for unit tests).
+
+    Returns:
+        ``(dice, hd95)``, each ``(B, R)`` float64 tensors; HD95 in mm.
+    """
+    pred, target = pred.float(), target.float()
+    spacing_list = [float(s) for s in spacing] if np.ndim(spacing) == 1 else [
+        [float(s) for s in row] for row in spacing
+    ]
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty region; handled below
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            pred, target, spacing=spacing_list
+        )
+    spatial = tuple(range(2, pred.ndim))
+    p_empty = pred.sum(spatial) == 0
+    t_empty = target.sum(spatial) == 0
+    both = p_empty & t_empty
+    one = p_empty ^ t_empty
+    dice = dice.double()  # float64: HD95_EMPTY and small distances exact as Python floats
+    dice = torch.where(both, torch.ones_like(dice), torch.where(one, torch.zeros_like(dice), dice))
+    hd = hd.to(dice)
+    hd = torch.where(
+        both, torch.zeros_like(hd), torch.where(one, torch.full_like(hd, HD95_EMPTY), hd)
+    )
+    return dice, torch.nan_to_num(hd, nan=HD95_EMPTY, posinf=HD95_EMPTY)
+
+
+def voxel_spacing(affine: np.ndarray | torch.Tensor) -> tuple[float, float, float]:
+    """Voxel size in mm along each voxel axis of a ``(4, 4)`` voxel-to-world affine."""
+    a = np.asarray(torch.as_tensor(affine).detach().cpu().double(), dtype=np.float64)
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))

@@ -38,7 +38,6 @@ import io
 import itertools
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from segmerge.conventions import (
     HD95_EMPTY,
@@ -56,6 +54,7 @@ from segmerge.conventions import (
     check_et_label,
     label_set,
     labels_to_regions,
+    region_scores,
 )
 from segmerge.inference.cases import case_id_from_path, discover_cases
 from segmerge.inference.lesionwise import HD95_INF_AS, LESION_KEYS, lesion_metrics
@@ -114,8 +113,6 @@ def metric_keys(metrics: str = "all") -> list[str]:
         keys += LESION_KEYS
     return keys
 
-_dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-_hd95 = HausdorffDistanceMetric(include_background=True, percentile=95.0, reduction="none")
 
 
 def region_metrics(
@@ -138,27 +135,10 @@ def region_metrics(
         )
     pred = torch.as_tensor(labels_to_regions(np.asarray(pred_labels), et_label))[None].float()
     gt = torch.as_tensor(labels_to_regions(np.asarray(gt_labels), et_label))[None].float()
-    dice = _dice(pred, gt)[0]
-    pred_any = pred.flatten(2).any(-1)[0]
-    gt_any = gt.flatten(2).any(-1)[0]
-    out: dict[str, float] = {}
-    for i, region in enumerate(REGIONS):
-        out[f"dice_{region}"] = float(dice[i])
-    both = pred_any & gt_any
-    hd = torch.zeros(len(REGIONS))
-    if bool(both.any()):
-        with warnings.catch_warnings():
-            # MONAI warns about empty channels; those are replaced by the convention below
-            warnings.simplefilter("ignore")
-            hd = _hd95(pred, gt, spacing=[float(s) for s in spacing])[0]
-    for i, region in enumerate(REGIONS):
-        if bool(both[i]):
-            value = float(hd[i])
-        elif bool(pred_any[i]) or bool(gt_any[i]):
-            value = HD95_EMPTY
-        else:
-            value = 0.0
-        out[f"hd95_{region}"] = value
+    # the one region metric (conventions.region_scores), shared with validation in training
+    dice, hd = region_scores(pred, gt, [float(s) for s in spacing])
+    out = {f"dice_{r}": float(dice[0, i]) for i, r in enumerate(REGIONS)}
+    out.update({f"hd95_{r}": float(hd[0, i]) for i, r in enumerate(REGIONS)})
     return out
 
 
