@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,24 +102,96 @@ def test_config_uses_gaussian_sliding_window_and_monai_ids():
 
 
 # -- the monai.bundle commands ---------------------------------------------------------------------
-def test_verify_metadata_offline():
-    proc = _run(
-        "-m", "monai.bundle", "verify_metadata",
-        "--meta_file", str(META), "--filepath", str(SCHEMA),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "metadata is verified with no error" in proc.stdout + proc.stderr
-    assert "skipped downloading" in proc.stdout + proc.stderr
+# The checks of the MONAI model zoo's CI (Project-MONAI/model-zoo, ci/verify_bundle.py `verify`
+# in "full" mode, and ci/verify_properties.py), in its order and with its arguments, on a copy
+# laid out as models/<bundle>/: necessary files (configs/metadata.json, LICENSE) and preferred
+# files (models/model.pt, configs/inference.json); version in the changelog; metadata against
+# the schema (offline: the shipped copy stands in for eval/schema.json, which CI downloads);
+# inference properties (monai.bundle's create_workflow + check_properties: every required id of
+# InferProperties, optional ids referenced correctly); data shape (verify_net_in_out with
+# DEFAULT arguments: n=1, p=1, any=1, default device); TorchScript export (ckpt_export to
+# models/verify_model.ts from models/model.pt). Weights are a fresh network's, as the CI's
+# _produce_fake_weights makes them.
+MODEL_ZOO_CHECKS = """
+import json, os, sys
+from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out
+import torch
+
+bundle_path = sys.argv[1]
+configs = os.path.join(bundle_path, "configs")
+meta_file = os.path.join(configs, "metadata.json")
+for f in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+    assert os.path.exists(os.path.join(bundle_path, f)), f"necessary file {f} is not existing."
+print("directory is verified correctly.")
+metadata = json.load(open(meta_file))
+assert "version" in metadata and "changelog" in metadata
+assert metadata["version"] in metadata["changelog"], "version missing from the changelog"
+print("version and changelog are verified correctly.")
+verify_metadata(meta_file=meta_file, filepath=os.path.join(bundle_path, "eval/schema.json"))
+print("metadata format is verified correctly.")
+workflow = create_workflow(
+    workflow_type="inference", bundle_root=bundle_path,
+    config_file=os.path.join(configs, "inference.json"),
+    logging_file=os.path.join(configs, "logging.conf"), meta_file=meta_file,
+)
+missing = workflow.check_properties()
+assert missing == [], f"check properties for workflow failed: {missing}"
+print("properties are verified correctly.")
+verify_net_in_out(
+    net_id="network_def", meta_file=meta_file,
+    config_file=os.path.join(bundle_path, "configs/inference.json"), bundle_root=bundle_path,
+)
+print("data shape is verified correctly.")
+ckpt_export(
+    net_id="network_def", filepath=os.path.join(bundle_path, "models/verify_model.ts"),
+    ckpt_file=os.path.join(bundle_path, "models", "model.pt"), meta_file=meta_file,
+    config_file=os.path.join(bundle_path, "configs/inference.json"), bundle_root=bundle_path,
+)
+torch.jit.load(os.path.join(bundle_path, "models/verify_model.ts"))
+print("export weights into TorchScript module successfully.")
+"""
 
 
-def test_verify_net_in_out():
-    proc = _run(
-        "-m", "monai.bundle", "verify_net_in_out", "network_def",
-        "--meta_file", str(META), "--config_file", str(DEFAULT_CONFIG),
-        "--device", "cpu", "--n", "2",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+@pytest.mark.slow
+def test_model_zoo_checks(tmp_path, model_file):
+    """The model zoo CI's bundle checks, as it runs them, all pass (offline)."""
+    bundle = tmp_path / "models" / "segmerge_brats"
+    shutil.copytree(ROOT / "configs", bundle / "configs")
+    shutil.copy(ROOT / "LICENSE", bundle / "LICENSE")
+    (bundle / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "README.md", bundle / "docs" / "README.md")
+    (bundle / "models").mkdir()
+    shutil.copy(model_file, bundle / "models" / "model.pt")
+    (bundle / "eval").mkdir()
+    shutil.copy(SCHEMA, bundle / "eval" / "schema.json")
+    script = tmp_path / "verify_bundle_checks.py"
+    script.write_text(MODEL_ZOO_CHECKS)
+    proc = _run(str(script), str(bundle), timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for line in (
+        "directory is verified correctly.",
+        "version and changelog are verified correctly.",
+        "metadata is verified with no error",
+        "properties are verified correctly.",
+        "data shape of network is verified with no error",
+        "export weights into TorchScript module successfully.",
+    ):
+        assert line in out, line
+    assert "skipped downloading" in out  # the schema copy was used, nothing fetched
+
+
+def test_metadata_shapes_fit_the_network_at_every_n():
+    """`16*n` (metadata) is what the network takes: n = 1 (the tools' default) and the window."""
+    meta = json.loads(META.read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["16*n"] * 3
+    net = load_bundle_config().get_parsed_content("network_def").eval()
+    roi = json.loads(DEFAULT_CONFIG.read_text())["roi_size"]
+    assert all(r % 16 == 0 for r in roi)
+    with torch.no_grad():
+        for n in (1, 2):
+            out = net(torch.zeros(1, len(MODALITIES), 16 * n, 16 * n, 16 * n))
+            assert out.shape == (1, len(REGIONS), 16 * n, 16 * n, 16 * n)
 
 
 def test_ckpt_export_torchscript(model_file, tmp_path):

@@ -10,11 +10,48 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.data import Dataset
 
 from segmerge.bundle_paths import bundle_root, config_file
+from segmerge.inference.cases import discover_cases
 from segmerge.inference.predictor import BratsPredictor
 
-__all__ = ["default_config", "load_bundle_config", "build_predictor"]
+__all__ = ["BundleCases", "default_config", "load_bundle_config", "build_predictor"]
+
+
+class BundleCases(Dataset):
+    """The bundle's ``dataset`` (a MONAI ``Dataset``): the cases of ``dataset_dir``, preprocessed.
+
+    MONAI's inference workflow properties require a ``dataset`` id (``monai.bundle``'s
+    ``check_properties``, run by the model zoo's CI). Each item is the case dict of
+    :meth:`BratsPredictor.prepare` (``case_id`` and the paths of the sequences the case has)
+    through ``transform`` (the config's ``preprocessing``). The folder is read on first use, not
+    when the config is parsed, so the property check works without data.
+
+    Args:
+        dataset_dir: BraTS-layout folder or datalist.
+        transform: the config's ``preprocessing``.
+    """
+
+    def __init__(self, dataset_dir: str | Path, transform: Any = None) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        self._cases: list[dict[str, Any]] | None = None
+        super().__init__(data=[], transform=transform)
+
+    @property
+    def data(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Case dicts, discovered once (cases that cannot be predicted are left out)."""
+        if self._cases is None:
+            self._cases = [
+                {"case_id": c.case_id, **{k: str(v) for k, v in c.images.items()}}
+                for c in discover_cases(self.dataset_dir)
+                if c.problem is None and c.images
+            ]
+        return self._cases
+
+    @data.setter
+    def data(self, value: Any) -> None:  # MONAI's constructor assigns data=[]: ignored
+        del value
 
 
 def default_config() -> Path:
