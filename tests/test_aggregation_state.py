@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from aggregation_properties import (
+    assert_nonfinite_step_leaves_state_unchanged,
+    assert_reset_restores_first_step,
+    assert_state_dict_round_trip,
+    factory,
+    registered_cases,
+    roundtrip,
+)
 
 from segmerge.aggregation import (
     GMD,
@@ -26,58 +32,42 @@ def jacobians(n, K=6, D=30, seed=0):
     return [torch.randn(K, D, dtype=torch.float64, generator=gen) * (1 + k) for k in range(n)]
 
 
-def roundtrip(state):
-    """Through a real checkpoint file format, loadable with weights_only=True."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def observe(agg, train, val):
     return agg.observe_validation(dict(zip(HEADS, train)), dict(zip(HEADS, val)))
 
 
-def stateful_cases():
-    """(make aggregator, step function) pairs whose result depends on their state."""
-
-    def steps(agg, Js, reference=None):
-        out = []
-        for J in Js:
-            ref = J[:3].sum(0) * 0.8 if agg.needs_reference else None
-            out.append(agg(J, names=NAMES, reference=ref).update)
-        return out
-
-    return [
-        (lambda: GradCraft(r=0.7, e=0.05, b=0.8), steps),
-        (lambda: PCGrad(seed=3), steps),
-        (lambda: GMD(order="random", seed=4), steps),
-        (lambda: Blending(estimator="gradient"), steps),
-    ]
+# Every registered method gets the state properties (for a stateless one they check that
+# reset and the empty state dict change nothing); these configurations exercise the state:
+STATE_VARIANTS: dict[str, list[dict]] = {
+    "gradcraft": [dict(r=0.7, e=0.05, b=0.8)],  # the norm memory
+    "pcgrad": [dict(seed=3)],  # the random order's draws
+    "gmd": [dict(order="random", seed=4)],
+    "blending": [dict(estimator="gradient")],  # the running σ²
+    "nashmtl": [dict(update_weights_every=2)],  # the step counter and the reused weights
+    "gradvac": [dict(seed=3, beta=0.9)],  # the EMA targets and the visiting order
+    "pcd": [dict(beta=0.5)],  # the moving average of the squared norms
+}
+STATE_CASES = registered_cases(STATE_VARIANTS)
 
 
-@pytest.mark.parametrize("case", range(4))
-def test_reset_restores_first_step_behaviour(case):
-    make, steps = stateful_cases()[case]
-    Js = jacobians(3)
-    agg = make()
-    first = steps(agg, Js[2:])[0]
-    steps(agg, Js[:2])
-    agg.reset()
-    again = steps(agg, Js[2:])[0]
-    assert torch.allclose(first, again, rtol=0, atol=0)
+@pytest.mark.parametrize("name,hp", STATE_CASES)
+def test_reset_restores_first_step_behaviour(name, hp):
+    assert_reset_restores_first_step(factory(name, hp), jacobians(3), NAMES)
 
 
-@pytest.mark.parametrize("case", range(4))
-def test_state_dict_round_trip_continues_exactly(case):
-    make, steps = stateful_cases()[case]
-    Js = jacobians(5, seed=1)
-    a = make()
-    steps(a, Js[:2])
-    b = make()
-    b.load_state_dict(roundtrip(a.state_dict()))
-    for x, y in zip(steps(a, Js[2:]), steps(b, Js[2:])):
-        assert torch.equal(x, y)
+@pytest.mark.parametrize("name,hp", STATE_CASES)
+def test_state_dict_round_trip_continues_exactly(name, hp):
+    assert_state_dict_round_trip(factory(name, hp), jacobians(5, seed=1), NAMES)
+
+
+# A random projection order is drawn per step, finite or not (a skipped step consumes its draw,
+# identically on every rank): the other state must not see a non-finite step.
+RANDOM_ORDER = [c for c in STATE_CASES if "order='random'" in repr(factory(*c.values)())]
+
+
+@pytest.mark.parametrize("name,hp", [c for c in STATE_CASES if c not in RANDOM_ORDER])
+def test_nonfinite_step_leaves_state_unchanged(name, hp):
+    assert_nonfinite_step_leaves_state_unchanged(factory(name, hp), jacobians(1, seed=2)[0], NAMES)
 
 
 def test_gradcraft_memory_is_per_name_and_survives_absent_objectives():

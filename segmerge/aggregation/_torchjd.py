@@ -21,7 +21,7 @@ What the bridge adds around torchjd, and nothing else:
   (every row zero) gives zero weights without calling torchjd: every combination of zero rows is
   zero, and several torchjd solvers divide by the trace (Nash-MTL fails there).
 - **State, per set of objectives.** A stateful weighting (Nash-MTL, GradVac, PCD) is kept per
-  tuple of objective names (row positions when unnamed) and dtype: torchjd's state is shaped by
+  tuple of objective names (row positions when unnamed): torchjd's state is shaped by
   the number of tasks, so a step with a modality absent uses (and keeps) the state of that
   objective set instead of resetting the full set's. ``state_dict()`` holds tensors and plain
   Python values only (loadable with ``torch.load(weights_only=True)``); the attributes saved are
@@ -70,7 +70,7 @@ __all__ = [
     "TorchJDAggregator",
 ]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_F64 = torch.float64
 
 
 @functools.cache
@@ -109,36 +109,34 @@ class TorchJDAggregator(Aggregator):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
-        self._weightings: dict[tuple[tuple[str, ...], torch.dtype], torch.nn.Module] = {}
+        self._weightings: dict[tuple[str, ...], torch.nn.Module] = {}
         self._rng_state: Tensor | None = None
         self.reset()
         self._checked_build(2)  # torchjd's setters reject bad hyper-parameters now, not later
 
     # -- to be provided by each bridged method ------------------------------------------------
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
-        """A fresh torchjd weighting for K objectives."""
+    def _build(self, K: int) -> torch.nn.Module:
+        """A fresh torchjd weighting for K objectives (it computes in float64)."""
         raise NotImplementedError
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         """The weighting's state as tensors and plain values (stateful methods)."""
         return {}
 
-    def _load_state(
-        self, weighting: torch.nn.Module, K: int, dtype: torch.dtype, state: Mapping[str, Any]
-    ) -> None:
+    def _load_state(self, weighting: torch.nn.Module, K: int, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`_save_state` returned into a fresh weighting."""
 
     # -- the bridge -------------------------------------------------------------------------
-    def _checked_build(self, K: int, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    def _checked_build(self, K: int) -> torch.nn.Module:
         try:
-            return self._build(K, dtype)
+            return self._build(K)
         except ValueError as err:  # torchjd's own message names the value and the rule
             raise ValueError(f"{type(self).__name__}: {err}") from err
 
-    def _weighting(self, keys: list[str], dtype: torch.dtype) -> torch.nn.Module:
-        key = (tuple(keys) if self.stateful else (), dtype)
+    def _weighting(self, keys: list[str]) -> torch.nn.Module:
+        key = tuple(keys) if self.stateful else (len(keys),)
         if key not in self._weightings:
-            self._weightings[key] = self._checked_build(len(keys), dtype)
+            self._weightings[key] = self._checked_build(len(keys))
         return self._weightings[key]
 
     @contextlib.contextmanager
@@ -154,12 +152,13 @@ class TorchJDAggregator(Aggregator):
     @torch.compiler.disable
     def _host_weights(self, G: Tensor, nonfinite: Tensor, keys: list[str]) -> Tensor:
         K = G.shape[0]
-        # One transfer of the K×K Gramian and the flag: torchjd works on the host.
-        host = torch.cat([G.reshape(-1), nonfinite.reshape(1).to(G.dtype)]).cpu()
+        # One transfer of the K×K Gramian and the flag: torchjd works on the host, in float64
+        # (a float32 Gramian of tiny rows is subnormal: IMTL-G's pinv of it is not finite).
+        host = torch.cat([G.reshape(-1), nonfinite.reshape(1).to(G.dtype)]).to("cpu", _F64)
         G_host = host[:-1].view(K, K)
         if bool(host[-1]) or not bool(torch.diagonal(G_host).sum() > 0):
             return torch.zeros(K, dtype=G.dtype, device=G.device)  # state left unchanged
-        weighting = self._weighting(keys, G.dtype)
+        weighting = self._weighting(keys)
         stat = G_host
         if self.matrix_input:
             vals, vecs = torch.linalg.eigh(G_host)
@@ -192,12 +191,8 @@ class TorchJDAggregator(Aggregator):
         if not self.stateful:
             return {}
         entries = [
-            {
-                "names": list(names),
-                "dtype": str(dtype).removeprefix("torch."),
-                "state": self._save_state(w),
-            }
-            for (names, dtype), w in self._weightings.items()
+            {"names": list(names), "state": self._save_state(w)}
+            for names, w in self._weightings.items()
         ]
         state: dict[str, Any] = {"weightings": entries}
         if self.seeded:
@@ -208,18 +203,12 @@ class TorchJDAggregator(Aggregator):
         super().load_state_dict(state)
         if not self.stateful:
             return
-        weightings: dict[tuple[tuple[str, ...], torch.dtype], torch.nn.Module] = {}
+        weightings: dict[tuple[str, ...], torch.nn.Module] = {}
         for entry in state["weightings"]:
             names = tuple(str(n) for n in entry["names"])
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: dtype must be one of "
-                    f"{sorted(_DTYPES)}, got {entry['dtype']!r}"
-                )
-            dtype = _DTYPES[entry["dtype"]]
-            weighting = self._checked_build(len(names), dtype)
-            self._load_state(weighting, len(names), dtype, entry["state"])
-            weightings[(names, dtype)] = weighting
+            weighting = self._checked_build(len(names))
+            self._load_state(weighting, len(names), entry["state"])
+            weightings[names] = weighting
         self._weightings = weightings
         if self.seeded:
             self._rng_state = torch.as_tensor(state["generator"], dtype=torch.uint8).clone()
@@ -261,15 +250,15 @@ class UPGrad(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
 
-    def _pref(self, dtype: torch.dtype) -> Tensor | None:
-        return None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=dtype)
+    def _pref(self) -> Tensor | None:
+        return None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=_F64)
 
     def _projector(self) -> Any:
         linalg = importlib.import_module("torchjd.linalg")  # after _tjd(): already loaded
         return linalg.QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
-        return _tjd().UPGradWeighting(self._pref(dtype), projector=self._projector())
+    def _build(self, K: int) -> torch.nn.Module:
+        return _tjd().UPGradWeighting(self._pref(), projector=self._projector())
 
 
 class DualProj(UPGrad):
@@ -286,8 +275,8 @@ class DualProj(UPGrad):
 
     reference = "DualProj"
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
-        return _tjd().DualProjWeighting(self._pref(dtype), projector=self._projector())
+    def _build(self, K: int) -> torch.nn.Module:
+        return _tjd().DualProjWeighting(self._pref(), projector=self._projector())
 
 
 class MGDA(TorchJDAggregator):
@@ -313,7 +302,7 @@ class MGDA(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "max_iters": self.max_iters}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().MGDAWeighting(epsilon=self.epsilon, max_iters=self.max_iters)
 
 
@@ -337,7 +326,7 @@ class CAGrad(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"c": self.c, "norm_eps": self.norm_eps}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().CAGradWeighting(c=self.c, norm_eps=self.norm_eps)
 
 
@@ -352,7 +341,7 @@ class IMTLG(TorchJDAggregator):
     def __init__(self) -> None:
         super().__init__()
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().IMTLGWeighting()
 
 
@@ -381,8 +370,8 @@ class AlignedMTL(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"pref_vector": self.pref_vector, "scale_mode": self.scale_mode}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
-        pref = None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=dtype)
+    def _build(self, K: int) -> torch.nn.Module:
+        pref = None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=_F64)
         return _tjd().AlignedMTLWeighting(pref, scale_mode=self.scale_mode)
 
 
@@ -406,7 +395,7 @@ class FairGrad(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "max_iters": self.max_iters}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().FairGradWeighting(alpha=self.alpha, max_iters=self.max_iters)
 
 
@@ -443,14 +432,15 @@ class NashMTL(TorchJDAggregator):
             "optim_niter": self.optim_niter,
         }
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
-        # torchjd's aggregator owns the weighting; the bridge uses the weighting alone.
-        return _tjd().NashMTL(
+    def _build(self, K: int) -> torch.nn.Module:
+        # torchjd's aggregator owns the (private) weighting; the bridge uses the weighting alone.
+        nash = _tjd().NashMTL(
             n_tasks=K,
             max_norm=self.max_norm,
             update_weights_every=self.update_weights_every,
             optim_niter=self.optim_niter,
-        ).weighting
+        )
+        return nash.weighting
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         return {
@@ -459,7 +449,7 @@ class NashMTL(TorchJDAggregator):
             "normalization_factor": torch.from_numpy(weighting.normalization_factor.copy()),
         }
 
-    def _load_state(self, weighting, K, dtype, state) -> None:
+    def _load_state(self, weighting, K, state) -> None:
         weighting.step = float(state["step"])
         weighting.prvs_alpha = torch.as_tensor(state["prvs_alpha"]).numpy().copy()
         weighting.normalization_factor = (
@@ -493,16 +483,16 @@ class GradVac(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"beta": self.beta, "eps": self.eps, "seed": self.seed}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().GradVacWeighting(beta=self.beta, eps=self.eps)
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         phi = weighting._phi_t
         return {"phi": None if phi is None else phi.detach().clone()}
 
-    def _load_state(self, weighting, K, dtype, state) -> None:
+    def _load_state(self, weighting, K, state) -> None:
         if state["phi"] is not None:
-            weighting._ensure_state(K, dtype)
+            weighting._ensure_state(K, _F64)
             weighting._phi_t.copy_(torch.as_tensor(state["phi"]))
 
 
@@ -529,7 +519,7 @@ class PCD(TorchJDAggregator):
     def _config(self) -> dict[str, Any]:
         return {"tau": self.tau, "beta": self.beta, "eps": self.eps}
 
-    def _build(self, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    def _build(self, K: int) -> torch.nn.Module:
         return _tjd().PCDWeighting(tau=self.tau, beta=self.beta, eps=self.eps)
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
@@ -538,7 +528,7 @@ class PCD(TorchJDAggregator):
             return {"sq_norm_ema": None, "n_steps": 0}
         return {"sq_norm_ema": ema.detach().clone(), "n_steps": int(weighting._n_steps)}
 
-    def _load_state(self, weighting, K, dtype, state) -> None:
+    def _load_state(self, weighting, K, state) -> None:
         if state["sq_norm_ema"] is not None:
             weighting._ensure_state(K)
             weighting._sq_norm_ema = torch.as_tensor(state["sq_norm_ema"]).clone()
