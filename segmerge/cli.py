@@ -8,6 +8,7 @@ Commands (each lives in the package that owns it; the registry is an explicit di
     python -m segmerge predict     --input IN --output OUT  # segmerge.inference
     python -m segmerge evaluate    --pred OUT --gt GT       # segmerge.inference
     python -m segmerge compare     [--budget cpu]           # segmerge.study
+    python -m segmerge prepare     --input RAW --output OUT # segmerge.prepare
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "segmerge.inference.cli:predict_main",
     "evaluate": "segmerge.inference.cli:evaluate_main",
     "compare": "segmerge.study.cli:main",
+    "prepare": "segmerge.prepare.cli:main",
 }
 
 
