@@ -4,11 +4,17 @@
   names on both axes;
 - :func:`curves`: metric curves over training steps (OGR per head, weight per objective);
 - :func:`validation_montage`: the four sequences, ground truth and prediction on the axial slice
-  with the most tumour.
+  with the most tumour;
+- :func:`matrix_artifacts`: the cosine / alpha matrices and weights of one validation interval as
+  labelled heatmaps plus the numbers (JSON and CSV), for any number of objectives.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from segmerge.atomic import atomic_destination  # noqa: E402
+from segmerge.atomic import atomic_destination, write_text_atomic  # noqa: E402
 from segmerge.conventions import MODALITIES, REGIONS  # noqa: E402
 
-__all__ = ["matrix_heatmap", "curves", "validation_montage", "save_figure"]
+__all__ = ["matrix_heatmap", "matrix_artifacts", "curves", "validation_montage", "save_figure"]
+
+CELL_TEXT_LIMIT = 20
+"""Largest K whose heatmap cells carry their value as text (beyond, the JSON/CSV has them)."""
 
 
 def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
@@ -68,14 +77,18 @@ def matrix_heatmap(
         finite = np.abs(mat[np.isfinite(mat)])
         bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         vmin, vmax = -bound, bound
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.8 + 0.65 * k))
+    # up to 20 rows at 0.75 in per cell; larger K (subset objectives) shrink to a 16 in figure
+    cell = 0.75 if k <= CELL_TEXT_LIMIT else max(0.3, 16.0 / k)
+    label_size = 8 if k <= CELL_TEXT_LIMIT else 6
+    fig, ax = plt.subplots(figsize=(1.0 + cell * k + 1.5, 0.8 + cell * 0.87 * k + 1.5))
     im = ax.imshow(mat, cmap="RdBu_r", vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
-    for i in range(k):
-        for j in range(k):
-            if np.isfinite(mat[i, j]):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=label_size)
+    ax.set_yticks(range(k), names, fontsize=label_size)
+    if k <= CELL_TEXT_LIMIT:
+        for i in range(k):
+            for j in range(k):
+                if np.isfinite(mat[i, j]):
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return save_figure(fig, path)
@@ -144,3 +157,79 @@ def validation_montage(
     if title:
         fig.suptitle(f"{title} (axial slice {z}; WT green, TC yellow, ET red)", fontsize=9)
     return save_figure(fig, path)
+
+
+def _plain(values: torch.Tensor | np.ndarray) -> list:
+    """Nested lists of floats with NaN written as None (valid JSON)."""
+    arr = torch.as_tensor(values).double().cpu().tolist()
+
+    def clean(x: object) -> object:
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return None if not math.isfinite(float(x)) else float(x)
+
+    return clean(arr)  # type: ignore[return-value]
+
+
+def _csv_matrix(names: Sequence[str], matrix: torch.Tensor) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["", *names])
+    for name, row in zip(names, torch.as_tensor(matrix).double().tolist()):
+        writer.writerow([name, *("" if not math.isfinite(v) else f"{v:.6g}" for v in row)])
+    return out.getvalue()
+
+
+def matrix_artifacts(
+    window: Mapping[str, object], folder: str | os.PathLike, title: str = ""
+) -> list[Path]:
+    """Files for one validation interval: heatmaps and the numbers of its matrices.
+
+    Args:
+        window: :meth:`segmerge.engine.metrics_buffer.StepMetrics.take_window`'s dict
+            (``names``, ``cosine`` (K, K), ``alpha`` (K, K), ``weights`` (K,)).
+        folder: where to write ``cosine.png``, ``alpha.png``, ``matrices.json``,
+            ``cosine.csv``, ``alpha.csv`` and ``weights.csv``.
+        title: suffix of the figure titles (e.g. ``"epoch 4"``).
+
+    Returns:
+        The files written (none when the window holds no matrix).
+    """
+    names = list(window.get("names", []))  # type: ignore[call-overload]
+    if not names:
+        return []
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    cos = window["cosine"]
+    alpha = window["alpha"]
+    weights = window["weights"]
+    suffix = f" ({title})" if title else ""
+    files = [
+        matrix_heatmap(cos, names, f"cosine similarity{suffix}", dest / "cosine.png"),
+        matrix_heatmap(
+            alpha, names, f"conflict coefficients α{suffix}", dest / "alpha.png", None, None
+        ),
+    ]
+    numbers = {
+        "names": names,
+        "cosine": _plain(cos),  # type: ignore[arg-type]
+        "alpha": _plain(alpha),  # type: ignore[arg-type]
+        "weights": _plain(weights),  # type: ignore[arg-type]
+        "title": title,
+    }
+    for name, text in (
+        ("matrices.json", json.dumps(numbers, indent=1)),
+        ("cosine.csv", _csv_matrix(names, cos)),  # type: ignore[arg-type]
+        ("alpha.csv", _csv_matrix(names, alpha)),  # type: ignore[arg-type]
+        (
+            "weights.csv",
+            "objective,weight\n"
+            + "".join(
+                f"{n},{'' if v is None else f'{v:.6g}'}\n"
+                for n, v in zip(names, _plain(weights))  # type: ignore[arg-type]
+            ),
+        ),
+    ):
+        write_text_atomic(dest / name, text)
+        files.append(dest / name)
+    return files

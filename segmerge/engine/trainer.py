@@ -926,6 +926,7 @@ class Trainer:
             }
             values["val/best_dice_mean"] = result.dice["mean"]
         self.tracker.log_metrics(values, step=it)
+        self._log_window_matrices(epoch)
         self.save_checkpoint(best=is_best)
         self._say(
             f"epoch {epoch} step {it}: val Dice "
@@ -933,6 +934,21 @@ class Trainer:
             + f" (best {self.best['metric']:.3f} at epoch {self.best['epoch']})"
         )
         return result
+
+    def _log_window_matrices(self, epoch: int) -> None:
+        """Cosine / alpha / weight matrices of the steps since the last validation, as artifacts
+        (``matrices/epoch_<n>/``: labelled heatmaps, JSON and CSV; any number of objectives)."""
+        from segmerge.engine import plots
+
+        window = self.metrics.take_window()
+        if not self.is_main or not window["names"]:
+            return
+        folder = Path(tempfile.mkdtemp(prefix="segmerge-matrices-"))
+        try:
+            files = plots.matrix_artifacts(window, folder, title=f"epoch {epoch}")
+            self.tracker.log_artifacts(files, f"matrices/epoch_{epoch:03d}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None:  # second Ctrl-C: stop now (run() ends the MLflow run)
