@@ -90,6 +90,21 @@ def test_predict_and_check_data_refuse_a_traversing_case_id_and_write_nothing(
     assert "contains '..'" in capsys.readouterr().out
 
 
+def test_train_refuses_a_traversing_case_id_before_training(tmp_path, capsys, monkeypatch):
+    """#1: train reads datasets through the same reader (exit 2, the rule named)."""
+    from segmerge.engine.cli import main as train_main
+
+    images, affine = blob_case(shape=SHAPE)
+    write_case(tmp_path / "in", "a", images, affine, (images["flair"] > 0.5).astype(np.uint8))
+    item = {m: f"a/a_{m}.nii.gz" for m in MODALITIES} | {"label": "a/a_seg.nii.gz"}
+    bad = [{"case_id": "../../victim", **item}, {"case_id": "b", **item}]
+    dl = _datalist(tmp_path / "in" / "l.json", bad, split="training")
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--data", str(dl), "--output", "o", "--device", "cpu"]) == 2
+    assert "l.json training[0]: case_id '../../victim' contains '..'" in capsys.readouterr().err
+    assert not (tmp_path.parent / "victim").exists()
+
+
 def test_every_output_path_is_checked_even_without_the_reader(tmp_path):
     """#1: a CaseInputs built by hand (not through load_dataset) cannot write outside either."""
     root = tmp_path / "in"
@@ -329,11 +344,23 @@ def test_output_inside_input_is_not_a_case_and_the_summary_is_printed_once(tmp_p
         "--output", str(root / "preds"), "--model", str(model_file), "--device", "cpu",
         "--set", "roi_size=[32,32,32]",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for run in range(2):  # the second run finds preds/ inside the input
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        text = proc.stdout + proc.stderr
-        assert text.count("1 case(s):") == 1, text[-3000:]
-        assert ("1 predicted" if run == 0 else "1 kept") in text
+    assert predict_main(argv[4:]) == 0  # in process: writes preds/ inside the input
     assert sorted(p.name for p in (root / "preds").iterdir()) == ["a.json", "a.nii.gz"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # as a user runs it (logging set up by the command): preds/ is not read as a case
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert text.count("1 case(s):") == 1, text[-3000:]
+    assert "1 case(s): 0 predicted, 1 kept" in text
+
+
+def test_check_data_names_subfolders_that_are_not_cases(tmp_path, capsys):
+    """A misnamed case folder is named by check-data and reported by predict, never silent."""
+    _case_items(tmp_path / "in", "a")
+    (tmp_path / "in" / "notes").mkdir()
+    assert check_data_main([str(tmp_path / "in"), "--quiet", "--allow-missing"]) == 0
+    assert "1 subfolder(s) hold no case files and are not read: notes" in capsys.readouterr().err
+    report = make_predictor().predict_dataset(tmp_path / "in", tmp_path / "out")
+    assert {r.case_id: r.status for r in report.results} == {"a": "predicted", "notes": "failed"}
+    assert "not a case folder" in report.failures[0].error

@@ -123,6 +123,14 @@ def check_data_main(argv: list[str] | None = None) -> int:
     problems = validate_dataset(
         spec, affine_tol=args.affine_tol, progress=not args.quiet, workers=args.workers
     )
+    if spec.ignored:  # predict reports them as cases it cannot predict
+        names = ", ".join(d.name for d in spec.ignored[:10])
+        more = f" and {len(spec.ignored) - 10} more" if len(spec.ignored) > 10 else ""
+        print(
+            f"note: {len(spec.ignored)} subfolder(s) hold no case files and are not read: "
+            f"{names}{more}",
+            file=sys.stderr,
+        )
     n_cases = len(spec)
     if problems:
         print("case | file | rule | found")

@@ -43,8 +43,7 @@ _DEFLATE_MAX_RATIO = 1032
 ``.nii.gz`` of n bytes holds at most ~1032 n bytes of header and voxels."""
 
 INCOMPLETE_HINT = (
-    "incomplete data: check-data --allow-missing, or allow_missing true in the training config's "
-    "dataset section; predict always accepts absent sequences"
+    "incomplete data: --allow-missing for check-data and train; predict accepts absent sequences"
 )
 
 
