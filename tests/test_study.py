@@ -29,6 +29,7 @@ from segmerge.study import (
     EvaluationResult,
     MethodSummary,
     StudySettings,
+    method_means,
     study_markdown,
     study_statistics,
 )
@@ -249,7 +250,10 @@ def test_study_statistics_pair_cases_and_seeds_and_give_verdicts():
 def test_study_markdown_has_the_fields_table_intervals_and_verdicts():
     stats = study_statistics(_runs(-0.05, failed_seed=1), ["sum", "gmd"], [0, 1, 2])
     meta = {"study_id": "s1", "budget": "tiny", "seeds": [0, 1, 2], "reference": "sum"}
-    text = study_markdown(stats, meta)
+    per_method = method_means(_runs(-0.05, failed_seed=1), ["sum", "gmd"])
+    per_method[1].histories = {"conflict/n_pairs": [(1, 3.0), (2, 5.0)], "ogr/fused": [(2, 0.25)]}
+    text = study_markdown(stats, meta, per_method=per_method)
+    assert "| gmd | 4.00 | 5.00 | fused 0.25 |" in text
     assert "**gmd**: worse than sum at α = 0.05" in text
     field = _table_rows(text, "## The field's table")
     assert set(field) == {"sum", "gmd"}

@@ -296,12 +296,17 @@ def _interval(stat: Mapping[str, Any] | None) -> str:
 
 
 def study_markdown(
-    stats: Mapping[str, Any], meta: Mapping[str, Any], plots: Mapping[str, str] | None = None
+    stats: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    plots: Mapping[str, str] | None = None,
+    per_method: Sequence[MethodSummary] | None = None,
 ) -> str:
     """The text of ``results.md``.
 
     Args:
         stats: :func:`study_statistics` output.
+        per_method: :func:`method_means` output, for the conflict / OGR table (first seed's
+            histories); ``None`` leaves that table out.
         meta: ``study_id``, ``command``, ``budget``, ``seeds``, ``reference``, ``alpha``,
             ``network``, ``objectives``, ``data``, ``n_cases``, ``machine``, ``jobs``,
             ``wall_seconds``, ``experiment``, ``tracking_uri``, ``parent_run_id``.
@@ -430,6 +435,26 @@ def study_markdown(
                 ]
             )
     lines += md_table(header, rows, right_from=3)
+    if per_method:
+        lines += ["", "## Gradient conflicts and OGR over training (first seed)", ""]
+        header = ["method", "conflicting pairs (mean)", "conflicting pairs (last)", "OGR (last)"]
+        rows = []
+        for summary in per_method:
+            conf = [v for _, v in summary.histories.get("conflict/n_pairs", [])]
+            ogr = {
+                k[4:]: h[-1][1]
+                for k, h in sorted(summary.histories.items())
+                if k.startswith("ogr/") and h
+            }
+            rows.append(
+                [
+                    summary.method,
+                    fmt(float(np.mean(conf)), 2) if conf else "–",
+                    fmt(conf[-1], 2) if conf else "–",
+                    ", ".join(f"{k} {fmt(v, 2)}" for k, v in ogr.items()) or "–",
+                ]
+            )
+        lines += md_table(header, rows)
     failed = [
         (m, s, v["error"]) for m, e in methods.items() for s, v in e["seeds"].items()
         if v.get("error")

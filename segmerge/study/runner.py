@@ -820,7 +820,8 @@ class Study:
         stats = study_statistics(
             runs, self.s.methods, self.s.seeds, reference=self.s.reference, alpha=self.s.alpha
         )
-        plots = write_plots(method_means(runs, self.s.methods), self.out / "plots")
+        per_method = method_means(runs, self.s.methods)
+        plots = write_plots(per_method, self.out / "plots")
         meta = {
             "study_id": self.study_id,
             "command": self.s.command,
@@ -842,7 +843,9 @@ class Study:
             "parent_run_id": self.parent_run_id,
         }
         rel = {k: str(p.relative_to(self.out)) for k, p in plots.items()}
-        md = write_text_atomic(self.out / "results.md", study_markdown(stats, meta, rel))
+        md = write_text_atomic(
+            self.out / "results.md", study_markdown(stats, meta, rel, per_method)
+        )
         js = atomic_write_json(self.out / "results.json", {**meta, **stats, "plots": rel})
         self._log_parent(stats, [md, js, *plots.values()])
         return md
