@@ -809,7 +809,14 @@ class Trainer:
             outputs = self.network(image, avail)
             named = self.objectives(outputs, label, avail)
         reference = self._reference_loss(engine.state.iteration) if self._needs_ref else None
-        report = self.train_step.step(named, reference)
+        if getattr(self.train_step, "jacobian", "parameters") == "outputs":
+            # the objectives' inputs; heads the network derives from other heads (the shared
+            # U-Net's fused.d* = mean of modality.*) are left out so no path counts twice
+            derived = set(getattr(self.network, "derived_outputs", ()))
+            heads = {k: v for k, v in outputs.items() if k not in derived}
+            report = self.train_step.step(named, reference, outputs=heads)
+        else:
+            report = self.train_step.step(named, reference)
         if self.scheduler is not None:
             self.scheduler.step()
         self.iteration = engine.state.iteration

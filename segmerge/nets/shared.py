@@ -252,6 +252,12 @@ class SharedModalityUNet(nn.Module):
             names += [f"modality.{m}" + (f".d{d}" if d else "") for m in self.modalities]
         return names
 
+    @property
+    @torch.jit.unused
+    def derived_outputs(self) -> tuple[str, ...]:
+        """Train-mode outputs computed from other outputs (``fused.d*``: means of ``modality.*``)."""
+        return tuple(f"fused.d{d}" for d in range(self.deep_supervision))
+
     @torch.jit.unused
     def output_scales(self) -> dict[str, int]:
         """Downsampling factor of each train-mode output relative to the input (1 = full)."""
