@@ -310,8 +310,9 @@ class BratsPredictor:
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
+            reason = f"{type(cause).__name__}: {cause}".rstrip(": ")  # a bare MemoryError has no text
             raise ValueError(
-                f"case {case.case_id}: cannot read/preprocess inputs: {cause}"
+                f"case {case.case_id}: cannot read/preprocess inputs: {reason}"
             ) from err
 
     @torch.no_grad()
