@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose
 from torch import nn
 
 from segmerge.conventions import BRATS2021_SUFFIX, MODALITIES
@@ -139,7 +140,7 @@ def make_predictor(
 
     Args:
         network: module to use instead of ``network_def`` (default: a fresh ShiftThresholdNet).
-        drop: ``_target_`` names removed from the preprocessing chain (negative controls).
+        drop: class names of transforms removed from the preprocessing chain (negative controls).
         **overrides: config id -> value.
     """
     values = {"model_path": None, "device": "cpu", "roi_size": [32, 32, 32]}
@@ -147,8 +148,9 @@ def make_predictor(
     parser = load_bundle_config(overrides=values)
     parser["network_def"] = network if network is not None else ShiftThresholdNet()
     if drop:
-        chain = parser["preprocessing"]["transforms"]
-        parser["preprocessing#transforms"] = [t for t in chain if t.get("_target_") not in drop]
+        chain = parser.get_parsed_content("preprocessing").transforms
+        parser["preprocessing"] = Compose([t for t in chain if type(t).__name__ not in drop])
+        assert len(parser["preprocessing"].transforms) == len(chain) - len(drop), drop
     return parser.get_parsed_content("predictor")
 
 

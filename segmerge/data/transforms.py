@@ -37,6 +37,7 @@ from monai.transforms import (
     RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    Spacingd,
     SpatialPadd,
 )
 
@@ -371,6 +372,48 @@ def val_transforms(et_label: int = 4, require_label: bool = False) -> Compose:
             _normalise(),
             LabelToRegionsd(LABEL, et_label=et_label),
             RandModalityDropoutd(IMAGE, prob=0.0),  # zero absent channels (no-op otherwise)
+        ]
+    )
+
+
+def inference_transforms(
+    modalities: Sequence[str] = MODALITIES,
+    pixdim: Sequence[float] = (0.0, 0.0, 0.0),
+    image_key: str = IMAGE,
+    available_key: str = AVAILABLE,
+) -> Compose:
+    """Prediction pipeline, the ``preprocessing`` that ``configs/inference.json`` references.
+
+    Load the sequences a case has (``(X, Y, Z, 1)`` files become one channel), stack them with
+    the availability mask (:class:`StackModalitiesd`, as in training), reorient to RAS, resample
+    to ``pixdim`` (``0`` keeps an axis's own spacing), z-score each channel over brain voxels (as
+    in training). Every spatial step is invertible: the config's ``Invertd`` brings the prediction
+    back to the input's voxel grid. The case is validated before (:func:`~segmerge.data.check_case`
+    in :meth:`segmerge.inference.BratsPredictor.check_inputs`).
+
+    Args:
+        modalities: modality keys in network channel order.
+        pixdim: target voxel size in mm per axis (``0``: unchanged).
+        image_key: output key of the stacked image.
+        available_key: output key of the ``(C,)`` bool availability mask.
+
+    Returns:
+        A ``Compose`` turning ``{"case_id", <modality>: path, ...}`` into ``image`` (C, H, W, D)
+        float32 MetaTensor and ``available``.
+    """
+    return Compose(
+        [
+            LoadImaged(
+                keys=list(modalities),
+                reader="NibabelReader",
+                image_only=True,
+                ensure_channel_first=True,
+                allow_missing_keys=True,
+            ),
+            StackModalitiesd(modalities, image_key=image_key, available_key=available_key),
+            Orientationd(keys=image_key, axcodes="RAS", labels=None),
+            Spacingd(keys=image_key, pixdim=list(pixdim), mode="bilinear"),
+            NormalizeIntensityd(keys=image_key, nonzero=True, channel_wise=True),
         ]
     )
 
