@@ -82,6 +82,19 @@ def predict_main(argv: list[str]) -> int:
         action="store_true",
         help="also write <case>_probabilities.nii.gz (WT, TC, ET on the last axis)",
     )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="--input holds raw scans (one folder per patient): run `segmerge prepare` first "
+        "(into OUTPUT/prepared), predict, and also write the labels in the reference sequence's "
+        "original geometry (OUTPUT/<case>.nii.gz; prepared grid: OUTPUT/prepared_grid)",
+    )
+    parser.add_argument(
+        "--prepare-args",
+        default="",
+        metavar="'OPTIONS'",
+        help="options of `segmerge prepare` for --prepare, e.g. '--spacing 1 --reference t1'",
+    )
     _common(parser)
     args = parser.parse_args(argv)
     _setup_logging()
@@ -93,6 +106,10 @@ def predict_main(argv: list[str]) -> int:
             check_device(args.device)  # before the config moves the network there
         extra: dict[str, Any] = {"overwrite": args.overwrite, "probabilities": args.probabilities}
         predictor = build_predictor(args.config, **_predictor_overrides(args, **extra))
+        if args.prepare:  # raw scans: segmerge.prepare owns this flow
+            from segmerge.prepare.predict import predict_raw
+
+            return predict_raw(predictor, args.input, args.output, args.prepare_args)
         report = predictor.predict_dataset(args.input, args.output)  # logs its summary once
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"segmerge predict: error: {err}", file=sys.stderr)

@@ -169,6 +169,36 @@ def dicom_series(folder: Path, case_id: str) -> tuple[list[str], dict[str, str]]
     return files, first
 
 
+def check_image_header(path: Path, case_id: str) -> None:
+    """Read an image file's header only and refuse unreadable, non-3D or 2D images.
+
+    Raises:
+        PrepareError: naming the case, the file and the rule broken.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise PrepareError(
+            f"{_where(case_id, path)}: unreadable image file ({lines[-1] if lines else err})"
+        ) from err
+    size = reader.GetSize()
+    if len(size) == 4 and size[3] == 1:
+        size = size[:3]
+    if len(size) != 3 or min(size) < 3:
+        raise PrepareError(
+            f"{_where(case_id, path)}: image of size {tuple(size)} is not a 3D volume (a 2D "
+            "image, a single slice or a time series?)"
+        )
+    if reader.GetNumberOfComponents() != 1:
+        raise PrepareError(
+            f"{_where(case_id, path)}: {reader.GetNumberOfComponents()} components per voxel; "
+            "a scalar volume is needed"
+        )
+
+
 def find_sequences(folder: Path, names: dict[str, list[str]]) -> RawCase:
     """Identify the sequences of one raw case folder (headers only).
 
@@ -203,6 +233,8 @@ def find_sequences(folder: Path, names: dict[str, list[str]]) -> RawCase:
             key = match_name(stem, names, case_id)
             seq = RawSequence(key or "", entry, "file", stem, "file name")
             label = f"file name {stem!r}"
+            if key is not None:
+                check_image_header(entry, case_id)
         if key is None:
             raise PrepareError(
                 f"{_where(case_id, entry)}: {label} matches no sequence name; known names: "

@@ -11,6 +11,7 @@ registration error, brain-mask overlap and segmentation quality can be measured 
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def make_raw_case(
 def write_dicom_series(
     image: sitk.Image, folder: str | Path, description: str, series_number: int = 1,
     modality: str = "MR",
+    prefix: str = "IM",
 ) -> list[Path]:
     """Write a 3D image as a DICOM series (one file per slice, int16 scaled to a peak of 4000).
 
@@ -205,6 +207,7 @@ def write_dicom_series(
         description: SeriesDescription (0008|103e).
         series_number: SeriesNumber.
         modality: Modality tag (``MR``; anything else is refused by ``prepare``).
+        prefix: file-name prefix (``<prefix>0001.dcm`` ...).
 
     Returns:
         The written files in slice order.
@@ -218,7 +221,7 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     uid_root = "1.2.826.0.1.3680043.2.1125"
-    stamp = f"{int(series_number)}{abs(hash(str(folder))) % 10**8}"
+    stamp = f"{int(series_number)}.{zlib.crc32(f'{folder}{prefix}'.encode())}"
     direction = image.GetDirection()
     tags = [
         ("0008|0060", modality),
@@ -241,7 +244,7 @@ def write_dicom_series(
         sl.SetMetaData("0020|0013", str(k + 1))
         sl.SetMetaData("0008|0018", f"{uid_root}.3.{stamp}.{k + 1}")
         sl.SetMetaData("0018|0050", f"{image.GetSpacing()[2]:.6f}")
-        path = folder / f"IM{k + 1:04d}.dcm"
+        path = folder / f"{prefix}{k + 1:04d}.dcm"
         writer.SetFileName(str(path))
         writer.Execute(sl)
         paths.append(path)
