@@ -9,7 +9,8 @@ a finished study folder without training anything. The statistics are those of
 ``primary_endpoint``)::
 
     study_id, command, budget, seeds, reference, alpha, network, objectives, data, n_cases,
-    machine, jobs, devices, threads_per_job, wall_seconds, experiment, tracking_uri,
+    machine, jobs, devices, threads_per_job, wall_seconds (this invocation), run_seconds_total
+    (training + evaluation of every finished run, over all invocations), experiment, tracking_uri,
     parent_run_id, plots, primary_endpoint, endpoints: {key: description},
     methods: {<method>: {
         status: "ok" | "partial" | "failed" | "missing",
@@ -318,6 +319,7 @@ def study_markdown(
     seeds = list(meta.get("seeds", []))
     ok = {m: e for m, e in methods.items() if e["scores"]}
     wall = meta.get("wall_seconds", float("nan"))
+    total = float(meta.get("run_seconds_total", float("nan")))
     lines = [f"# Aggregator comparison — study `{meta.get('study_id', '?')}`", ""]
     lines += [
         f"- command: `{meta.get('command', '')}`",
@@ -325,7 +327,8 @@ def study_markdown(
         f"`{meta.get('network', '')}`; objectives `{meta.get('objectives', '')}`",
         f"- data: `{meta.get('data', '')}` ({meta.get('n_cases', '?')} validation case(s))",
         f"- machine: {meta.get('machine', '')}; {meta.get('jobs', 1)} job(s) at once; wall time "
-        f"of this invocation {fmt(wall / 60 if isinstance(wall, (int, float)) else wall, 1)} min",
+        f"of this invocation {fmt(wall / 60 if isinstance(wall, (int, float)) else wall, 1)} min; "
+        f"training + evaluation of all runs {fmt(total / 60, 1)} min",
         f"- MLflow: experiment `{meta.get('experiment', '')}` in `{meta.get('tracking_uri', '')}`"
         f", parent run `{meta.get('parent_run_id', '')}` (one nested run per method × seed)",
         "",

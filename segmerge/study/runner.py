@@ -838,6 +838,9 @@ class Study:
             "devices": [d or "default" for d in self.slots],
             "threads_per_job": self.threads,
             "wall_seconds": wall_seconds,
+            "run_seconds_total": float(
+                sum(r.train_seconds + r.eval_seconds for r in runs if r.status == "ok")
+            ),
             "experiment": self.s.experiment,
             "tracking_uri": self.tracking_uri,
             "parent_run_id": self.parent_run_id,
