@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_step_support import MODS, OBJECTIVES, GMDAgg, SumAgg, TinyDSNet, batch, named_losses
 
+from segmerge.aggregation import merge_scale
 from segmerge.objectives import NamedLosses, resize_target
 from segmerge.step import (
     ParamLayout,
@@ -146,7 +147,7 @@ def test_exact_step_applies_masked_merge_on_shared_tensors():
         [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in layout.params]
     )
     torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-7)
-    scale = layout.merge_scale(shared, 2)
+    scale = merge_scale(layout.element_mask(shared), 2, masked=True)
     assert set(scale.unique().tolist()) == {0.5, 1.0}
 
 
@@ -170,7 +171,7 @@ def test_amortised_steps_use_last_coefficients_by_name():
     shared = found[0] & found[1]
     assert shared != 0
     cvec = torch.stack([c[n] for n in nl.names])
-    expected = layout.merge_scale(shared, 2) * (cvec @ J)
+    expected = merge_scale(layout.element_mask(shared), 2, masked=True) * (cvec @ J)
     before = [p.detach().clone() for p in layout.params]
     r1 = ts.step(nl)
     assert not r1.refreshed and r1.backward_passes == 1 and r1.norms is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,16 +22,17 @@ SIZE = 8
 BATCH = 4
 
 
-def _train(rank: int, world: int, out_path: str | None) -> list[torch.Tensor]:
+def _train(rank: int, world: int, out_path: str | None, jacobian: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = TinyDSNet()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    ts = TrainStep(net, opt, GMDAgg(), strategy="loop", clip_norm=5.0)
+    ts = TrainStep(net, opt, GMDAgg(), strategy="loop", clip_norm=5.0, jacobian=jacobian)
     per = BATCH // world
     for s in range(STEPS):
         x, t = batch(n=BATCH, size=SIZE, seed=s)
         sl = slice(rank * per, (rank + 1) * per)
-        report = ts.step(named_losses(net(x[sl]), t[sl]))
+        outs = net(x[sl])
+        report = ts.step(named_losses(outs, t[sl]), outputs=outs)
         assert not bool(report.skipped)
     params = [p.detach().clone() for p in net.parameters()]
     if out_path is not None:
@@ -38,20 +40,31 @@ def _train(rank: int, world: int, out_path: str | None) -> list[torch.Tensor]:
     return params
 
 
+MODES = ("parameters", "outputs")
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _train(rank, world, os.path.join(out_dir, f"rank{rank}.pt"))
+        for jacobian in MODES:  # one spawn for both modes (process start-up dominates)
+            _train(rank, world, os.path.join(out_dir, f"{jacobian}{rank}.pt"), jacobian)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process_with_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    single = _train(0, 1, None)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    return folder
+
+
+@pytest.mark.parametrize("jacobian", MODES)
+def test_two_gloo_ranks_equal_one_process_with_whole_batch(spawned, jacobian):
+    single = _train(0, 1, None, jacobian)
+    r0 = torch.load(spawned / f"{jacobian}0.pt")
+    r1 = torch.load(spawned / f"{jacobian}1.pt")
     for a, b in zip(r0, r1):
         assert torch.equal(a, b)  # every rank applied the identical update
     torch.manual_seed(0)

@@ -249,14 +249,19 @@ class Blending(abc.ABC):  # noqa: B024 - an ABC only for register(): isinstance 
         super_epoch: int = 1,
         eps: float = 1e-8,
     ) -> IntervalBlending | GradientBlending:
+        return cls.select(estimator, warmup=warmup, super_epoch=super_epoch, eps=eps)
+
+    @staticmethod
+    def select(
+        estimator: str = "interval", warmup: int = 0, super_epoch: int = 1, eps: float = 1e-8
+    ) -> IntervalBlending | GradientBlending:
+        """What ``Blending(...)`` returns, as a plain function (``torch.compile`` traces a call
+        of it, not a ``__new__`` that returns another class)."""
         check_choice("Blending", "estimator", estimator, ("interval", "gradient"))
         if estimator == "interval":
             return IntervalBlending(warmup=warmup, super_epoch=super_epoch, eps=eps)
-        changed = [
-            f"{k}={v!r}"
-            for k, v, default in (("warmup", warmup, 0), ("super_epoch", super_epoch, 1), ("eps", eps, 1e-8))
-            if v != default
-        ]
+        defaults = (("warmup", warmup, 0), ("super_epoch", super_epoch, 1), ("eps", eps, 1e-8))
+        changed = [f"{k}={v!r}" for k, v, default in defaults if v != default]
         if changed:
             raise ValueError(
                 f"Blending: {', '.join(changed)} only apply to estimator='interval', "

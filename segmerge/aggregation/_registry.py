@@ -158,6 +158,8 @@ def build_aggregator(name: str, **hparams: Any) -> Aggregator:
                 f"{cls.__name__}: unknown hyper-parameter {option!r}{_suggest(option, params)} "
                 f"(accepted: {', '.join(params) or 'none'})"
             )
+    if cls is Blending:  # the estimator selector, as a function call (see Blending.select)
+        return Blending.select(**hparams)
     return cls(**hparams)
 
 

@@ -81,17 +81,6 @@ class ParamLayout:
             self._masks[bits] = mask
         return mask
 
-    def merge_scale(self, bits: int, k: int) -> Tensor:
-        """``(D,)`` masked-merge factors: ``1/k`` on the shared tensors in ``bits``, 1 elsewhere."""
-        key = ("scale", bits, k)
-        scale = self._masks.get(key)
-        if scale is None:
-            mask = self.element_mask(bits)
-            one = torch.ones((), dtype=self.dtype, device=self.device)
-            scale = torch.where(mask, one / k, one)
-            self._masks[key] = scale
-        return scale
-
 
 def disjoint_groups(reach: Sequence[int]) -> list[list[int]]:
     """Greedy grouping of objectives into sets with pairwise disjoint reach.

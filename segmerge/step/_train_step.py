@@ -11,9 +11,21 @@ This is the one module that talks to autograd for the aggregated update. Per ste
     clip, step     <- clip_grad_norm_ after aggregation; optimizer step guarded: a no-op, on
                       device, when a loss, J or the update is non-finite (skip counted)
 
-Amortised mode (``refresh_every=N``): J and the coefficients c = C.sum(0) are recomputed every N
-steps; in between one backward of Σ_k c_k L_k (c matched by objective name) gives Jᵀc directly,
-followed by the same masked-merge scaling with the shared set of the current objectives.
+Output-space mode (``jacobian="outputs"``): the per-objective gradients are taken with respect to
+the network's output tensors instead of its parameters (a cheap backward through the losses
+only), the Gramian and the aggregator's coefficients c = C.sum(0) come from those, and the
+update is one backward of Σ_k c_k L_k through the network, followed by the aggregator's masked
+merge per parameter tensor. This is the representation-level approximation of MGDA-UB
+(Sener & Koltun, NeurIPS 2018) and LibMTL's ``rep_grad``: with Z (K, M) the gradients at the
+outputs and A = ∂outputs/∂θ (M, D), the exact J is Z A and its Gramian Z A Aᵀ Zᵀ; the mode uses
+Z Zᵀ, i.e. it treats A Aᵀ as the identity. It is exact (up to a common scale of G) when every
+objective is a function of the same outputs through a network whose Jacobian rows are
+orthonormal, and it sees no conflict between objectives computed from disjoint outputs.
+
+Amortised mode (``refresh_every=N``, with either mode): J (or Z) and the coefficients are
+recomputed every N steps; in between one backward of Σ_k c_k L_k (c matched by objective name)
+gives Jᵀc directly, followed by the same masked-merge scaling with the shared set of the current
+objectives.
 
 Nothing on the per-step path reads a tensor value on the host: the skip decision is a device
 flag (see :mod:`segmerge.step._guard`), the skip counter is a tensor, and the report holds
@@ -23,12 +35,14 @@ device tensors for the engine to log in batches.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from segmerge.aggregation import AggregationResult, Aggregator, gramian
 from segmerge.step._guard import GuardedOptimizerStep
 from segmerge.step._jacobian import (
     ParamLayout,
@@ -39,9 +53,12 @@ from segmerge.step._jacobian import (
 )
 from segmerge.step._reach import graph_reach, objective_roots, shared_bits
 
-__all__ = ["AUTO_STRATEGY", "StepReport", "TrainStep"]
+__all__ = ["AUTO_STRATEGY", "JACOBIAN_MODES", "StepReport", "TrainStep"]
 
 Strategy = Literal["auto", "loop", "batched"]
+JacobianMode = Literal["parameters", "outputs"]
+JACOBIAN_MODES: tuple[str, ...] = ("parameters", "outputs")
+"""Values of ``TrainStep(jacobian=...)`` (and of the engine's ``--jacobian``)."""
 
 #: Jacobian strategy that ``strategy="auto"`` picks per device type. CPU: measured
 #: (docs/benchmarks.md, training-step section: on the default network at 2x4x48^3 the batched/vmap Jacobian costs 3.2x
@@ -63,7 +80,9 @@ class StepReport:
         names: objective names of the rows used this step.
         losses: (K,) detached losses (averaged over ranks under torch.distributed).
         weights: (K,) coefficients c = C.sum(0) applied to the objectives (before the merge).
-        norms: (K,) gradient norms of the rows; None on amortised (non-refresh) steps.
+        norms: (K,) gradient norms of the rows; None on amortised (non-refresh) steps. With
+            ``jacobian="outputs"`` these (and cosine, alpha, n_conflicts) are those of the
+            output-space gradients the coefficients came from.
         cosine: (K, K) cosine similarities of the rows; None on amortised steps.
         alpha: (K, K) conflict coefficients; None on amortised steps.
         n_conflicts: 0-d count of conflicting pairs; None on amortised steps.
@@ -97,9 +116,9 @@ class TrainStep:
             ``requires_grad`` are the ones differentiated, in ``model.parameters()`` order.
         optimizer: optimizer over those parameters. ``fused=True`` Adam/AdamW/SGD skip
             non-finite steps on device without any copy; others are snapshotted and restored.
-        aggregator: a ``segmerge.aggregation`` aggregator: ``aggregator(J, shared=, names=,
-            reference=)`` returning an ``AggregationResult``; attributes ``masked_merge`` and
-            ``needs_reference``.
+        aggregator: a :class:`segmerge.aggregation.Aggregator` (the typed contract: called on
+            ``J``, ``coefficients(G)`` on the Gramian, ``merge_`` for the masked merge of an
+            update combined by one backward, ``needs_reference``).
         strategy: Jacobian strategy: ``"loop"`` (retained backward per objective, objectives with
             disjoint reach fused into one backward), ``"batched"`` (one vmapped backward with
             ``is_grads_batched``; falls back to loop with a one-time warning if an operation has
@@ -122,39 +141,61 @@ class TrainStep:
             rank through the all_reduce, so all ranks skip together.
         fuse_disjoint: loop strategy: differentiate objectives with pairwise disjoint reach in
             one backward (default True).
+        jacobian: ``"parameters"`` (default: the exact per-objective gradients of every
+            parameter) or ``"outputs"`` (gradients at the network's output tensors, passed as
+            ``step(..., outputs=)``: Gramian and coefficients from those, then one backward of
+            Σ c_k L_k; see the module docstring for what it approximates). ``strategy`` then
+            applies to the cheap output-space Jacobian. Not available with aggregators that
+            need a reference row (Gradient-Blending's gradient estimator): the reference comes
+            from another batch, whose outputs are other tensors.
 
     Example:
         >>> import torch
         >>> from types import SimpleNamespace
+        >>> from segmerge.aggregation import GMD
         >>> net = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        >>> class Sum:
-        ...     masked_merge, needs_reference = False, False
-        ...     def __call__(self, J, shared=None, names=None, reference=None):
-        ...         K = J.shape[0]
-        ...         return SimpleNamespace(update=J.sum(0), weights=torch.ones(K),
-        ...             norms=J.norm(dim=1), cosine=None, alpha=None, n_conflicts=None,
-        ...             nonfinite=torch.tensor(False))
-        >>> step = TrainStep(net, opt, Sum(), strategy="loop")
+        >>> step = TrainStep(net, opt, GMD(), strategy="loop")
         >>> y = net(torch.ones(4, 2)).squeeze(1)
         >>> losses = SimpleNamespace(names=["a", "b"], losses=torch.stack([y.mean(), y.pow(2).mean()]))
         >>> report = step.step(losses)
         >>> report.names, bool(report.skipped)
         (['a', 'b'], False)
+        >>> out = TrainStep(net, opt, GMD(), jacobian="outputs")
+        >>> y = net(torch.ones(4, 2))
+        >>> losses = SimpleNamespace(names=["a", "b"], losses=torch.stack([y.mean(), y.pow(2).mean()]))
+        >>> out.step(losses, outputs={"y": y}).backward_passes  # 2 through the losses, 1 through the net
+        3
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        aggregator: Any,
+        aggregator: Aggregator,
         strategy: Strategy = "auto",
         refresh_every: int = 1,
         clip_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         distributed: bool | None = None,
         fuse_disjoint: bool = True,
+        jacobian: JacobianMode = "parameters",
     ) -> None:
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(
+                "TrainStep: aggregator must be a segmerge.aggregation.Aggregator (e.g. "
+                f"build_aggregator('gmd')), got {type(aggregator).__name__}"
+            )
+        if jacobian not in JACOBIAN_MODES:
+            raise ValueError(
+                f"TrainStep: jacobian must be 'parameters' or 'outputs', got {jacobian!r}"
+            )
+        if jacobian == "outputs" and aggregator.needs_reference:
+            raise ValueError(
+                f"TrainStep: jacobian='outputs' cannot serve {aggregator!r}: it needs the "
+                "gradient of a validation batch, whose outputs are not this step's outputs; "
+                "use jacobian='parameters'"
+            )
         if strategy not in ("auto", "loop", "batched"):
             raise ValueError(
                 f"TrainStep: strategy must be 'auto', 'loop' or 'batched', got {strategy!r}"
@@ -176,9 +217,11 @@ class TrainStep:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.distributed = distributed
         self.fuse_disjoint = fuse_disjoint
+        self.jacobian = jacobian
         self._guard = GuardedOptimizerStep(optimizer)
         self._batched_ok: bool | None = None  # None: not tried yet on this model
         self._buffers: dict[tuple[int, int], Tensor] = {}
+        self._zbuf: Tensor | None = None  # output-space Jacobian (jacobian="outputs")
         dev, dt = self.layout.device, self.layout.dtype
         self._one = torch.ones((), dtype=dt, device=dev)
         self._zero = torch.zeros((), dtype=dt, device=dev)
@@ -192,7 +235,7 @@ class TrainStep:
             f"TrainStep(aggregator={self.aggregator!r}, strategy={self.strategy!r}, "
             f"refresh_every={self.refresh_every}, clip_norm={self.clip_norm!r}, "
             f"scaler={self.scaler is not None}, distributed={self.distributed!r}, "
-            f"fuse_disjoint={self.fuse_disjoint})"
+            f"fuse_disjoint={self.fuse_disjoint}, jacobian={self.jacobian!r})"
         )
 
     def resolved_strategy(self) -> str:
@@ -225,7 +268,11 @@ class TrainStep:
 
     # -- the step ---------------------------------------------------------------------------
     def step(
-        self, named_losses: _NamedLosses, reference_losses: _NamedLosses | Tensor | None = None
+        self,
+        named_losses: _NamedLosses,
+        reference_losses: _NamedLosses | Tensor | None = None,
+        *,
+        outputs: Mapping[str, Tensor] | Sequence[Tensor] | None = None,
     ) -> StepReport:
         """Aggregate the objectives' gradients into one update and step the optimizer.
 
@@ -235,6 +282,10 @@ class TrainStep:
             reference_losses: for aggregators with ``needs_reference`` (Gradient-Blending's
                 gradient estimator): the fused objective(s) on a validation batch, a tensor or
                 named losses; the gradient of their sum is the reference row.
+            outputs: with ``jacobian="outputs"`` (required there, ignored otherwise): the
+                network's output tensors the objectives are computed from, e.g. the dict of
+                named heads of the forward pass (per-modality, per-depth logits). None of them
+                may be computed from another one (the update would count that path twice).
 
         Returns:
             :class:`StepReport`.
@@ -256,7 +307,9 @@ class TrainStep:
             or any(n not in self._coef for n in names)
         )
         seed = self._one if self.scaler is None else self.scaler.scale(self._one)
-        if refresh:
+        if refresh and self.jacobian == "outputs":
+            out = self._outputs(names, losses, roots, reach, seed, _output_list(outputs))
+        elif refresh:
             out = self._exact(names, losses, roots, reach, seed, reference_losses)
         else:
             out = self._amortised(names, losses, reach, seed)
@@ -346,7 +399,7 @@ class TrainStep:
     ) -> StepReport:
         k, d = len(names), self.layout.dim
         agg = self.aggregator
-        use_ref = bool(getattr(agg, "needs_reference", False))
+        use_ref = agg.needs_reference
         if use_ref and reference_losses is None:
             raise ValueError(
                 f"TrainStep.step: {agg!r} needs a reference gradient: pass reference_losses= "
@@ -374,14 +427,23 @@ class TrainStep:
         # Non-finite J (or reference) makes the Gramian non-finite: the aggregator reports it
         # (and zeroes the update, leaving its own state unchanged). The losses and the update
         # (overflow of c @ J) are checked with one reduction each, no (K, D) scan.
-        nonfinite = getattr(result, "nonfinite", None)
-        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(update.sum())
-        if nonfinite is not None:
-            ok = ok & ~nonfinite
+        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(update.sum()) & ~result.nonfinite
         any_reach = 0
         for r in reach:
             any_reach |= r
         skipped, grad_norm = self._finish(update, ok, any_reach)
+        return self._refresh_report(names, loss_buf, result, ok, skipped, grad_norm, passes)
+
+    def _refresh_report(
+        self,
+        names: list[str],
+        loss_buf: Tensor,
+        result: AggregationResult,
+        ok: Tensor,
+        skipped: Tensor,
+        grad_norm: Tensor | None,
+        passes: int,
+    ) -> StepReport:
         weights = result.weights
         # Coefficients for amortised steps; a skipped refresh keeps the previous ones (or 1).
         for i, n in enumerate(names):
@@ -417,8 +479,8 @@ class TrainStep:
         if self._is_distributed():
             _all_reduce_mean(buf)
         shared = shared_bits(reach)
-        if getattr(self.aggregator, "masked_merge", False) and shared:
-            flat.mul_(self.layout.merge_scale(shared, k))
+        if shared:  # the aggregator's masked merge (a no-op factor 1 when nothing is shared)
+            self.aggregator.merge_(flat, self.layout.element_mask(shared), k)
         # One reduction over gradient and losses: NaN/Inf propagate through the sum (a finite
         # sum overflowing float32 also counts as non-finite, which is what it is for Adam).
         ok = torch.isfinite(buf.sum())
@@ -438,6 +500,87 @@ class TrainStep:
             backward_passes=1,
         )
 
+    def _output_jacobian(
+        self, losses: Tensor, roots: list, layout: ParamLayout, Z: Tensor, seed: Tensor
+    ) -> int:
+        """Fill Z (K, M) with the gradients of each objective at the outputs; return passes.
+
+        These backward passes run through the losses only (autograd stops at the outputs), so
+        "loop" costs K small passes and "batched" one vmapped pass; the graph is kept for the
+        backward through the network.
+        """
+        seed = seed.to(losses.dtype)
+        if self.resolved_strategy() == "batched":
+            try:
+                jacobian_batched(losses, layout, Z, seed, retain_graph=True)
+                return 1
+            except RuntimeError as err:
+                self._batched_ok = False
+                warnings.warn(
+                    "TrainStep: the batched (vmap) output Jacobian failed "
+                    f"({str(err).splitlines()[0]}); using the loop strategy from now on",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        jacobian_loop(roots, layout, Z, seed, retain_graph=True)
+        return sum(r is not None for r in roots)
+
+    def _outputs(
+        self,
+        names: list[str],
+        losses: Tensor,
+        roots: list,
+        reach: list[int],
+        seed: Tensor,
+        outs: list[Tensor],
+    ) -> StepReport:
+        k, d = len(names), self.layout.dim
+        olay = ParamLayout(outs)
+        kdt = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+        Z = self._zbuf
+        if Z is None or Z.shape != (k, olay.dim) or Z.dtype != kdt:
+            Z = self._zbuf = torch.empty(k, olay.dim, dtype=kdt, device=self.layout.device)
+        passes = self._output_jacobian(losses, roots, olay, Z, seed)
+        if self.scaler is not None:
+            Z.div_(seed)  # unscale before the Gramian: scale-correct coefficients
+        buf = self._buffer(1, k + k * k)  # [update (D) | losses (K) | Gramian (K*K)]
+        loss_buf = buf[d : d + k]
+        loss_buf.copy_(losses.detach())
+        G = buf[d + k :].view(k, k)
+        G.copy_(gramian(Z))
+        if self._is_distributed():
+            # Whole-batch Gramian: the batch-mean losses give Z_full = concat_r(Z_r) / W, so
+            # G_full = Σ_r Z_r Z_rᵀ / W²; the losses are averaged as in the exact mode.
+            world = torch.distributed.get_world_size()
+            _all_reduce_mean(buf[d:])
+            G.mul_(1.0 / world)  # mean over ranks / W = sum / W²
+        agg = self.aggregator
+        co = agg.coefficients(G, names)
+        c = co.C.sum(0).to(kdt)
+        # One backward of Σ c_k L_k through the network, started at the outputs with the
+        # cotangent Σ c_k z_k (the losses' part of the graph is not run again).
+        cot = (c * seed.to(kdt)) @ Z
+        flat = buf[:d]
+        found = gradient_into(
+            outs,
+            [v.to(o.dtype) for v, o in zip(olay.views(cot), outs)],
+            self.layout,
+            flat,
+        )
+        passes += 1
+        if self.scaler is not None:
+            flat.div_(seed)
+        if self._is_distributed():
+            _all_reduce_mean(flat)
+        shared = shared_bits(reach)
+        if shared:
+            agg.merge_(flat, self.layout.element_mask(shared), k)
+        flat.masked_fill_(co.nonfinite, 0.0)
+        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(flat.sum()) & ~co.nonfinite
+        skipped, grad_norm = self._finish(flat, ok, found)
+        result = AggregationResult.from_gramian(flat, G, co, names)
+        return self._refresh_report(names, loss_buf, result, ok, skipped, grad_norm, passes)
+
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step counter, skip counter and the amortised coefficients (for exact resume)."""
@@ -453,6 +596,23 @@ class TrainStep:
         self.steps = int(state["steps"])
         self.skipped = state["skipped"].to(device=dev, dtype=torch.int64).reshape(())
         self._coef = {n: c.to(device=dev, dtype=dt) for n, c in state["coefficients"].items()}
+
+
+def _output_list(outputs: Mapping[str, Tensor] | Sequence[Tensor] | None) -> list[Tensor]:
+    """The output tensors of ``step(outputs=)`` that carry a graph, or a clear error."""
+    if outputs is None:
+        raise ValueError(
+            "TrainStep.step: jacobian='outputs' needs outputs=: the network's output tensors "
+            "the objectives are computed from (e.g. the dict of named heads)"
+        )
+    items = list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
+    outs = [o for o in items if isinstance(o, Tensor) and o.requires_grad]
+    if not outs:
+        raise ValueError(
+            "TrainStep.step: none of the outputs= tensors requires grad (pass the forward "
+            "pass's outputs, not detached copies)"
+        )
+    return outs
 
 
 def _all_reduce_mean(buf: Tensor) -> None:
