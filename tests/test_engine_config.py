@@ -39,7 +39,7 @@ def test_every_aggregator_file_builds_its_aggregator():
     for name in names:
         p = _load("--aggregator", name)
         agg = p.get_parsed_content("aggregator")
-        assert type(agg) is AGGREGATORS[name]
+        assert isinstance(agg, AGGREGATORS[name])  # blending: the class of its estimator
 
 
 def test_aggregator_hyper_parameters_are_options():
@@ -80,7 +80,7 @@ def test_option_without_value_and_positional_are_errors():
 def test_train_json_is_valid_bundle_config():
     raw = json.loads((default_config_dir() / "train.json").read_text())
     assert raw["network_def"]["_target_"].startswith("segmerge.")
-    assert raw["aggregator"]["name"] == "gmd"
+    assert raw["aggregator"]["_target_"] == "segmerge.aggregation.GMD"
 
 
 def _run(capsys, *argv):

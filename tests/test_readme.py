@@ -134,6 +134,7 @@ def test_shown_commands_use_real_options(tmp_path):
 
 
 def test_long_train_commands_parse_against_the_real_config():
+    from segmerge.aggregation import aggregator_config
     from segmerge.engine.config import load_config, parse_argv
 
     long_ones = [c for c in readme_commands() if re.search(r"-m segmerge train", c)]
@@ -144,7 +145,8 @@ def test_long_train_commands_parse_against_the_real_config():
         parser = load_config(parse_argv(rest))
         opts = dict(zip(rest[::2], rest[1::2]))
         if "--aggregator" in opts:
-            assert parser["aggregator"]["name"] == opts["--aggregator"], command
+            target = aggregator_config(opts["--aggregator"])["_target_"]
+            assert parser["aggregator"]["_target_"] == target, command
         for flag, value in opts.items():
             name = flag[2:].replace("-", "_")
             if name in ("r", "e", "b", "estimator", "warmup"):
@@ -270,6 +272,8 @@ def test_bundle_inference_and_evaluation_run_as_shown(first_session):
 def test_aggregator_examples_run_and_take_their_options(first_session):
     from mlflow.tracking import MlflowClient
 
+    from segmerge.aggregation import aggregator_config
+
     work = first_session
     commands = _run_section("Choosing and tuning an aggregator", work)
     client = MlflowClient(f"sqlite:///{work / 'runs' / 'mlflow.db'}")
@@ -279,7 +283,8 @@ def test_aggregator_examples_run_and_take_their_options(first_session):
     assert len(params) == len(commands)
     for command, logged in zip(commands, params):
         opts = dict(zip(shlex.split(command)[4::2], shlex.split(command)[5::2]))
-        assert logged["config/aggregator/name"] == opts["--aggregator"], command
+        target = aggregator_config(opts["--aggregator"])["_target_"]
+        assert logged["config/aggregator/_target_"] == target, command
         for flag, value in opts.items():
             key = flag[2:].replace("-", "_")
             name = f"config/aggregator/{key}" if key != "refresh_every" else "config/refresh_every"

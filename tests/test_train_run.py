@@ -143,7 +143,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(default_run):
     } <= plots
     assert {a.path for a in client.list_artifacts(rid, "model")} == {"model/model.pt"}
     local = Path(client.download_artifacts(rid, "config/train.json"))
-    assert json.loads(local.read_text())["aggregator"]["name"] == "gmd"
+    assert json.loads(local.read_text())["aggregator"]["_target_"] == "segmerge.aggregation.GMD"
 
 
 def _free_port() -> int:
@@ -183,7 +183,7 @@ def test_real_mlflow_server_serves_the_run_over_rest(default_run):
         q = urllib.parse.urlencode({"run_uuid": rid, "path": "config/train.json"})
         with urllib.request.urlopen(f"{base}/get-artifact?{q}") as r:
             config = json.loads(r.read())
-        assert config["aggregator"]["_target_"] == "segmerge.aggregation.build_aggregator"
+        assert config["aggregator"]["_target_"] == "segmerge.aggregation.GMD"
         # the engine also writes to a remote server
         from segmerge.engine.tracking import Tracker
 

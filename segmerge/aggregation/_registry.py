@@ -130,7 +130,7 @@ def aggregator_usage() -> str:
             f"--{k} {'(default)' if v is None else json.dumps(v).strip(chr(34))}"
             for k, v in hyperparameters(name).items()
         )
-        lines.append(f"  {name:<10} {hp or '(no hyper-parameters)'}")
+        lines.append(f"  {name:<12} {hp or '(no hyper-parameters)'}")
     return "\n".join(lines)
 
 

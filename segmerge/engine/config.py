@@ -1,7 +1,8 @@
 """Training configuration: MONAI bundle data plus command-line overrides, checked before training.
 
 The configuration is ``configs/train.json`` parsed with :class:`monai.bundle.ConfigParser`, then
-``configs/aggregators/<name>.json`` merged over it (``--aggregator NAME``), then the command line.
+the chosen aggregator's component from ``segmerge.aggregation.AGGREGATORS`` (``--aggregator NAME``:
+``_target_`` the class, its signature's hyper-parameters with their defaults), then the command line.
 Command-line options are of three kinds, tried in this order:
 
 1. named options (``--epochs 3``, ``--data PATH``...), listed in :data:`NAMED_OPTIONS`, each an
@@ -26,6 +27,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from segmerge.aggregation import AGGREGATORS, aggregator_config, aggregator_usage
 from segmerge.bundle_paths import config_dir
 from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, parse_value, to_config
 
@@ -74,7 +76,7 @@ FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "help", "expr")
 
 _HELP = {
     "data": "dataset: datalist JSON or BraTS 2021/2023 folder (default: cached phantoms)",
-    "aggregator": "gradient aggregator, one of configs/aggregators/*.json (default gmd)",
+    "aggregator": "gradient aggregator, one of those listed below (default gmd)",
     "network": "network preset, one of configs/networks/*.json: late or shared",
     "subsets": "objectives per modality subset: all, singles+full, <k> drawn per step, none",
     "jacobian": "per-objective gradients w.r.t. parameters (exact) or outputs",
@@ -130,9 +132,9 @@ def default_config_dir() -> Path:
 
 
 def available_aggregators(config_dir: Path | None = None) -> list[str]:
-    """Names of the aggregator override files in ``configs/aggregators``."""
-    folder = (config_dir or default_config_dir()) / "aggregators"
-    return sorted(p.stem for p in folder.glob("*.json"))
+    """The registered aggregation methods (``segmerge.aggregation.AGGREGATORS``; ``config_dir``
+    is accepted for compatibility and not read)."""
+    return list(AGGREGATORS)
 
 
 def closest(word: str, candidates: Sequence[str]) -> str:
@@ -251,7 +253,7 @@ def load_config(
 
     Args:
         opts: parsed command line.
-        config_dir: folder holding ``train.json`` and ``aggregators/`` (default
+        config_dir: folder holding ``train.json`` (default
             :func:`default_config_dir`).
         base_config: start from this configuration instead of ``train.json`` (trusted: it is
             code, like a config file).
@@ -290,14 +292,10 @@ def load_config(
         except ValueError as err:
             raise ConfigError(str(err)) from err
     if opts.aggregator is not None:
-        names = available_aggregators(folder)
-        name = opts.aggregator.lower()
-        if name not in names:
-            raise ConfigError(
-                f"unknown aggregator {opts.aggregator!r}{closest(name, names)}; "
-                f"available: {', '.join(names)}"
-            )
-        _merge_file(parser, folder / "aggregators" / f"{name}.json")
+        try:
+            parser["aggregator"] = aggregator_config(opts.aggregator)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if opts.network is not None:  # a preset: network_def and the objectives that fit it
         presets = sorted(p.stem for p in (folder / "networks").glob("*.json"))
         name = opts.network.lower()
@@ -335,11 +333,10 @@ def usage(config_dir: Path | None = None) -> str:
     for name, text in _HELP.items():
         flag = f"--{name.replace('_', '-')}"
         lines.append(f"  {flag:<18} {text}")
-    names = available_aggregators(config_dir)
     lines += [
         "",
-        f"aggregators: {', '.join(names)} (their hyper-parameters are options too, e.g. "
-        "--aggregator gradcraft --r 0.5)",
+        "aggregators and their hyper-parameters (options too, e.g. --aggregator gradcraft --r 0.5):",
+        aggregator_usage(),
         "any config id of configs/train.json is an option too: --lr 0.001, --network_def#features "
         "'[8,16,32,64]'",
         f"values: {RULE_HELP}; config files (configs/*.json, --config) are code, as in MONAI",

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from monai.bundle import ConfigParser
 
+from segmerge.aggregation import ObservesValidation
 from segmerge.conventions import REGIONS
 from segmerge.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -916,9 +917,8 @@ class Trainer:
         train_h, val_h = heads_of(train_l), heads_of(val_l)
         ogr = self.ogr.observe(train_h, val_h)
         values.update({f"ogr/{h}": v for h, v in ogr.items() if math.isfinite(v)})
-        observe = getattr(self.aggregator, "observe_validation", None)
-        if callable(observe):
-            weights = observe(train_h, val_h)
+        if isinstance(self.aggregator, ObservesValidation):
+            weights = self.aggregator.observe_validation(train_h, val_h)
             values.update({f"blending/weight/{h}": w for h, w in weights.items()})
         values["epoch"] = epoch
         self.last_result = result
@@ -979,7 +979,7 @@ class Trainer:
         from monai.engines import SupervisedTrainer
 
         t0 = time.time()
-        self._needs_ref = bool(getattr(self.aggregator, "needs_reference", False))
+        self._needs_ref = self.aggregator.needs_reference
         self.notes: list[str] = []
         self._last_val_it = -1
         start = self.iteration
