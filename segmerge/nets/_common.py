@@ -6,21 +6,16 @@ forward passes stay free of device syncs and trace cleanly.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import UnetUpBlock
 from torch import nn
 
+from segmerge.conventions import suggest  # the one "did you mean" (re-exported for nets)
+
 NORM_NAMES = ("instance", "batch", "group", "layer", "instance_nvfuser", "syncbatch")
 """Normalisation names accepted by MONAI's ``get_norm_layer`` that make sense here."""
-
-
-def suggest(name: str, valid: Sequence[str]) -> str:
-    """Return `` (did you mean 'x'?)`` for the closest valid name, or an empty string."""
-    close = difflib.get_close_matches(str(name), list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_norm(norm: str | tuple) -> str | tuple:

@@ -16,13 +16,12 @@ or ``-`` (they would make the names ambiguous).
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from segmerge.conventions import MODALITIES
+from segmerge.conventions import MODALITIES, suggest
 
 __all__ = [
     "FUSED",
@@ -67,12 +66,6 @@ class ObjectiveName(NamedTuple):
     kind: str
     modalities: tuple[str, ...]
     depth: int
-
-
-def suggest(name: str, valid: Sequence[str]) -> str:
-    """Return `` (did you mean 'x'?)`` for the closest of ``valid``, or an empty string."""
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_name(name: str) -> tuple[str, int | str]:
