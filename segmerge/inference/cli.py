@@ -83,6 +83,13 @@ def predict_main(argv: list[str]) -> int:
         help="also write <case>_probabilities.nii.gz (WT, TC, ET on the last axis)",
     )
     parser.add_argument(
+        "--backend",
+        choices=("pytorch", "onnxruntime"),
+        default=None,
+        help="pytorch (default) or onnxruntime (CPU: the network is exported to ONNX once, with "
+        "its availability input; needs the 'export' extra)",
+    )
+    parser.add_argument(
         "--prepare",
         action="store_true",
         help="--input holds raw scans (one folder per patient): run `segmerge prepare` first "
@@ -105,6 +112,10 @@ def predict_main(argv: list[str]) -> int:
         if args.device:
             check_device(args.device)  # before the config moves the network there
         extra: dict[str, Any] = {"overwrite": args.overwrite, "probabilities": args.probabilities}
+        if args.backend:
+            extra["backend"] = args.backend
+            if args.backend == "onnxruntime" and not args.device:
+                extra["device"] = "cpu"  # ONNX Runtime's CPU provider
         predictor = build_predictor(args.config, **_predictor_overrides(args, **extra))
         if args.prepare:  # raw scans: segmerge.prepare owns this flow
             from segmerge.prepare.predict import predict_raw

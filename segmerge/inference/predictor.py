@@ -49,6 +49,8 @@ __all__ = [
 logger = logging.getLogger("segmerge.inference")
 
 PROBABILITIES_SUFFIX = "_probabilities"
+BACKENDS = ("pytorch", "onnxruntime")
+"""Inference backends of :class:`BratsPredictor`."""
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest affine difference between two sequences of a case still read as one grid."""
 
@@ -241,6 +243,9 @@ class BratsPredictor:
         overwrite: replace existing predictions (otherwise they are kept and the case skipped).
         image_key: key of the stacked image.
         pred_key: key of the prediction.
+        backend: ``"pytorch"`` or ``"onnxruntime"`` (CPU only: the network, weights loaded, is
+            exported once to ONNX with its availability input, :mod:`segmerge.inference.onnx`,
+            and each window runs in ONNX Runtime).
     """
 
     def __init__(
@@ -257,7 +262,10 @@ class BratsPredictor:
         overwrite: bool = False,
         image_key: str = "image",
         pred_key: str = "pred",
+        backend: str = "pytorch",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.device = check_device(device)
         self.network = network.to(self.device)
         self.model_path = Path(model_path) if model_path is not None else None
@@ -277,6 +285,17 @@ class BratsPredictor:
         self.pred_key = pred_key
         self.last_report: PredictionReport | None = None
         self._sha: str | None = None
+        self.backend = backend
+        self._net: Callable[..., torch.Tensor] = self.network
+        if backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError(
+                    f"backend onnxruntime runs on the CPU, got device {self.device} (use --device cpu)"
+                )
+            from segmerge.inference.onnx import OnnxRuntimeNetwork, export_onnx
+
+            size = int(np.min(getattr(inferer, "roi_size", None) or [32]))
+            self._net = OnnxRuntimeNetwork(export_onnx(self.network, example_size=size))
 
     # -- one case, in steps that evaluation reuses ------------------------------------------------
     def check_inputs(self, case: CaseInputs) -> nib.Nifti1Image:
@@ -344,7 +363,7 @@ class BratsPredictor:
         def forward(patch: torch.Tensor) -> torch.Tensor:
             # The sliding window batches sw_batch_size patches of the same case together, so the
             # case's availability row is repeated to the patch batch size.
-            return self.network(patch, mask.expand(patch.shape[0], -1))
+            return self._net(patch, mask.expand(patch.shape[0], -1))
 
         logits = self.inferer(x, forward)
         pred = MetaTensor(logits[0].float().cpu(), meta=dict(image.meta))
