@@ -20,7 +20,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_destination", "inside", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_destination",
+    "default_mode",
+    "inside",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -40,12 +46,18 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(directory: bool = False) -> int:
+    """Mode a new file (``0o666 & ~umask``) or folder (``0o777 & ~umask``) gets from plain
+    ``open`` / ``os.mkdir``; for what ``tempfile`` creates (0600 files, 0700 folders)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def _plain_open_mode(dest: Path) -> int:
     """Mode ``open(dest, "w")`` would leave: the existing file's, else ``0o666 & ~umask``."""
     try:
         return stat.S_IMODE(os.stat(dest).st_mode)
     except OSError:
-        return 0o666 & ~_umask()
+        return default_mode()
 
 
 def inside(folder: str | os.PathLike, *parts: str) -> Path:

@@ -152,3 +152,31 @@ def test_acquisition_noise_and_bias_present(cases):
         assert 0.01 < cv < 0.3, (m, cv)  # noise + bias, but WM stays recognisable
     # Independent noise per sequence: two sequences are not perfectly correlated inside WM.
     assert np.corrcoef(c.images["t1"][wm], c.images["t1ce"][wm])[0, 1] < 0.99
+
+
+def test_phantom_cache_is_written_once_whole_and_with_plain_modes(tmp_path):
+    """The cache train and compare share: published whole, folder 0755 / files 0644 under umask
+    022 (tempfile's 0700 / 0600 leaked before, issue 16 #15), the engine's key kept."""
+    import os
+    import stat
+
+    from segmerge.data import cached_phantoms, phantom_cache_dir
+    from segmerge.engine.trainer import phantom_cache_path
+
+    spec = {"cases": 2, "size": 16, "seed": 3, "et_label": 4, "workers": 1}
+    folder = phantom_cache_dir(tmp_path / "cache", spec)
+    assert folder == phantom_cache_path(tmp_path / "cache", spec)  # existing caches stay valid
+    assert phantom_cache_dir(tmp_path / "cache", {**spec, "workers": 2}) == folder
+    old = os.umask(0o022)
+    try:
+        datalist = cached_phantoms(folder, spec)
+    finally:
+        os.umask(old)
+    assert datalist == folder / "dataset.json" and datalist.is_file()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert cached_phantoms(folder, spec) == datalist
+    assert {p: p.stat().st_mtime_ns for p in files} == before  # written once

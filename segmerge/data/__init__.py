@@ -20,7 +20,13 @@ from segmerge.data.dataset import (
 )
 from segmerge.data.nifti import save_nifti, write_bytes_atomic
 from segmerge.data.phantom import PhantomCase, make_phantom_case
-from segmerge.data.phantom_io import case_seed, write_phantom_dataset, write_preview
+from segmerge.data.phantom_io import (
+    cached_phantoms,
+    case_seed,
+    phantom_cache_dir,
+    write_phantom_dataset,
+    write_preview,
+)
 from segmerge.data.transforms import (
     CheckLabeld,
     LabelToRegionsd,
@@ -57,6 +63,7 @@ __all__ = [
     "Problem",
     "RandModalityDropoutd",
     "StackModalitiesd",
+    "cached_phantoms",
     "case_file_names",
     "case_id_for",
     "case_seed",
@@ -71,6 +78,7 @@ __all__ = [
     "make_phantom_case",
     "mni_anatomy",
     "open_volume",
+    "phantom_cache_dir",
     "save_nifti",
     "split_cases",
     "train_transforms",

@@ -1,15 +1,24 @@
-"""Write phantom datasets to disk (BraTS folder layout + ``dataset.json``) and preview them."""
+"""Write phantom datasets to disk (BraTS folder layout + ``dataset.json``) and preview them.
+
+:func:`cached_phantoms` is the phantom cache ``train`` and ``compare`` share: a dataset is
+written once per generation arguments (:func:`phantom_cache_dir`) and published whole.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
 
+from segmerge.atomic import default_mode
 from segmerge.conventions import MODALITIES, check_et_label
 from segmerge.data.anatomy import mni_anatomy
 from segmerge.data.dataset import DATALIST_NAME, case_file_names, case_id_for, split_cases
@@ -202,3 +211,65 @@ def write_preview(
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return write_bytes_atomic(png_path, buf.getvalue())
+
+
+def phantom_cache_dir(cache_dir: str | os.PathLike, spec: Mapping[str, object]) -> Path:
+    """``<cache_dir>/phantoms-<hash>``: the cache folder of one set of generation arguments.
+
+    Args:
+        cache_dir: the cache root.
+        spec: arguments of :func:`write_phantom_dataset` (``cases``, ``size``, ``seed``,
+            ``et_label``, ...); ``workers`` is left out of the key (the files do not depend on it).
+    """
+    key = json.dumps({k: spec[k] for k in sorted(spec) if k != "workers"}, sort_keys=True)
+    return Path(cache_dir) / f"phantoms-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def cached_phantoms(
+    folder: str | os.PathLike, spec: Mapping[str, object], progress: bool = False
+) -> Path:
+    """The phantom dataset in ``folder``, written first if it is not there (``train``,
+    ``compare``).
+
+    Written into a temporary folder beside ``folder`` and renamed into place, so readers see the
+    whole dataset or none of it; when two processes race, the first rename wins and the other
+    copy is discarded. The folder gets the mode ``os.mkdir`` would give it (not ``tempfile``'s
+    0700).
+
+    Args:
+        folder: where the dataset lives (e.g. :func:`phantom_cache_dir`).
+        spec: :func:`write_phantom_dataset` arguments (``cases``, ``size``, ``seed``,
+            ``et_label``, ``layout``, ``val_fraction``, ``workers``).
+        progress: show a progress bar.
+
+    Returns:
+        The path of its ``dataset.json``.
+    """
+    folder = Path(folder)
+    datalist = folder / DATALIST_NAME
+    if datalist.is_file():
+        return datalist
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        write_phantom_dataset(
+            tmp,
+            int(spec["cases"]),
+            size=int(spec["size"]),
+            seed=int(spec.get("seed", 0)),
+            et_label=int(spec.get("et_label", 4)),
+            layout=str(spec.get("layout", "brats2021")),
+            val_fraction=float(spec.get("val_fraction", 0.2)),
+            workers=max(1, min(int(spec.get("workers", 1)), os.cpu_count() or 1)),
+            progress=progress,
+        )
+        try:
+            os.replace(tmp, folder)  # atomic publish of the whole folder
+        except OSError:
+            if not datalist.is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datalist
