@@ -17,7 +17,6 @@ the first step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from monai.bundle import ConfigParser
 
 from segmerge.aggregation import ObservesValidation
 from segmerge.conventions import REGIONS
+from segmerge.data import cached_phantoms, phantom_cache_dir
 from segmerge.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_torch_save,
@@ -143,11 +143,8 @@ class TrainingFailed(RuntimeError):
 
 
 def phantom_cache_path(cache_dir: str | os.PathLike, spec: Mapping[str, Any]) -> Path:
-    """``<cache_dir>/phantoms-<hash of the generation arguments>``."""
-    # the files do not depend on the number of generator processes: leave it out of the key
-    key = json.dumps({k: spec[k] for k in sorted(spec) if k != "workers"}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"phantoms-{digest}"
+    """``<cache_dir>/phantoms-<hash of the generation arguments>`` (the data package's cache)."""
+    return phantom_cache_dir(cache_dir, spec)
 
 
 def phantom_spec(parser: ConfigParser) -> dict[str, Any]:
@@ -443,30 +440,8 @@ class Trainer:
         return folder
 
     def _write_phantoms(self, folder: Path, spec: Mapping[str, Any]) -> None:
-        from segmerge.data import write_phantom_dataset
-
         _check_writable(self.cache_dir, "cache folder")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=self.cache_dir))
-        try:
-            write_phantom_dataset(
-                tmp,
-                cases=int(spec["cases"]),
-                size=int(spec["size"]),
-                seed=int(spec.get("seed", 0)),
-                et_label=int(spec["et_label"]),
-                layout=str(spec.get("layout", "brats2021")),
-                val_fraction=float(spec.get("val_fraction", 0.2)),
-                workers=max(1, min(int(spec.get("workers", 1)), os.cpu_count() or 1)),
-                progress=self.progress,
-            )
-            try:
-                os.replace(tmp, folder)  # atomic publish of the whole folder
-            except OSError:
-                if not (folder / "dataset.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        cached_phantoms(folder, spec, progress=self.progress)  # shared with compare
 
     def _build_data(self) -> None:
         from segmerge.data import load_dataset
