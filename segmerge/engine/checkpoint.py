@@ -160,7 +160,7 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str]]:
+def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str], dict[str, str]]:
     """The configuration with every expression and reference replaced by its plain value.
 
     Components (``_target_``) stay as configured; an expression whose value is not plain data
@@ -171,9 +171,13 @@ def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str]]:
         parser: a ``monai.bundle.ConfigParser`` (the trusted configuration).
 
     Returns:
-        ``(config, expression_ids)``: plain JSON data, and the ids that kept expression text.
+        ``(config, kept, derived)``: plain JSON data; the ids that kept their expression text;
+        ``{id: expression text}`` of the ids whose value was computed by an expression (on resume
+        they are computed again by the bundle's own expression when it is the same text, so that
+        ``--bundle_root`` still moves ``output_dir``; otherwise the stored value is used).
     """
     kept: list[str] = []
+    derived: dict[str, str] = {}
     saved = rng_state()
 
     def walk(cid: str, raw: Any) -> Any:
@@ -190,6 +194,7 @@ def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str]]:
             else:
                 ok = _plain(value)
             if ok:
+                derived[cid] = raw
                 return _to_json(value)
             kept.append(cid)
             return raw
@@ -200,7 +205,7 @@ def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str]]:
         out = {k: walk(k, v) for k, v in raw.items() if k not in ("_comment", "imports")}
     finally:
         set_rng_state(saved)
-    return out, kept
+    return out, kept, derived
 
 
 def stored_config(state: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
@@ -231,9 +236,11 @@ def _short(value: Any) -> str:
 def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathLike) -> None:
     """Put a checkpoint's configuration back over the trusted bundle configuration, as data.
 
-    Every plain value is set as a literal (:func:`segmerge.overrides.literal`); an expression
-    (format 2: the ids listed in ``config_expressions``; format 1: any ``$``/``@``/``%`` string)
-    and every ``_key_`` must equal the bundle's own at that id, else the checkpoint is refused.
+    Every plain value is set as a literal (:func:`segmerge.overrides.literal`), except a value the
+    bundle computes with the very expression that computed it in the stored run
+    (``config_derived``): the bundle's expression is kept. An expression (format 2: the ids listed
+    in ``config_expressions``; format 1: any ``$``/``@``/``%`` string) and every ``_key_`` must
+    equal the bundle's own at that id, else the checkpoint is refused.
 
     Args:
         parser: the trusted ``ConfigParser`` (``train.json`` of this bundle), updated in place.
@@ -246,6 +253,8 @@ def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathL
     config = stored_config(state, source)
     listed = state.get("config_expressions")
     expressions = None if int(state.get("format", 1)) < 2 else set(listed or [])
+    derived = state.get("config_derived") or {}
+    derived = derived if isinstance(derived, dict) else {}
     trusted = parser.get()
 
     def refuse(cid: str, value: Any, what: str) -> ValueError:
@@ -255,7 +264,16 @@ def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathL
             "them (resume with the bundle that wrote it, or pass that config file with --config)"
         )
 
+    def same_text(a: Any, b: Any) -> bool:  # MONAI rewrites "#" and "::" into each other
+        return (
+            isinstance(a, str)
+            and isinstance(b, str)
+            and a.replace("::", "#") == b.replace("::", "#")
+        )
+
     def merge(cid: str, base: Any, value: Any) -> Any:
+        if cid in derived and base is not _MISSING and same_text(derived[cid], base):
+            return base  # the bundle's own expression computes it again (text compared only)
         if isinstance(value, dict):
             sub = base if isinstance(base, dict) else {}
             out = {}
@@ -279,7 +297,7 @@ def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathL
             ]
         is_expr = cid in expressions if expressions is not None else interpretable(value)
         if is_expr:
-            if base is _MISSING or base != value:
+            if base is _MISSING or not same_text(base, value):
                 raise refuse(cid, value, "the expression")
             return base
         return literal(value)

@@ -8,12 +8,21 @@ Examples::
     python -m segmerge train --resume runs/checkpoints/<run id>/last.pt
     torchrun --nproc_per_node 2 -m segmerge train --device cpu
 
-Exit status: 0 on success, 2 on a configuration or input error (reported before training),
-130 when interrupted (a checkpoint was saved; ``--resume`` continues).
+Exit status (see ``docs/reliability.md``):
+
+- 0: trained; weights published (a tracking store that failed on the way is reported, training
+  still finished);
+- 1: training stopped on an error after it started (disk full, a failure in a step): one line
+  says what, the MLflow run is marked FAILED, the last checkpoint is kept;
+- 2: a configuration or input error, reported before training (also: the output folder is in
+  use by another training, an unusable tracking store, a checkpoint that cannot be resumed);
+- 130: interrupted (SIGINT/SIGTERM): a checkpoint is saved and the run marked KILLED; a second
+  Ctrl-C stops at once, keeping the last checkpoint. ``--resume`` continues.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         resume_state = None
         checkpoint = None
+        if opts.continue_run and not opts.resume:
+            raise ConfigError("--continue-run only applies with --resume CHECKPOINT")
         if opts.resume:
             from segmerge.engine.checkpoint import load_checkpoint, resolve_resume_path
 
@@ -40,20 +51,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint = (resume_state, path)  # its configuration is data, never evaluated
             opts.resume = str(path)
         parser = load_config(opts, checkpoint=checkpoint)
-        from segmerge.engine.trainer import Trainer, format_summary
+        from segmerge.engine.trainer import Trainer, TrainingFailed, format_summary
 
-        trainer = Trainer(parser, resume=opts.resume, resume_state=resume_state)
+        trainer = Trainer(
+            parser,
+            resume=opts.resume,
+            resume_state=resume_state,
+            continue_run=opts.continue_run,
+        )
         trainer.setup()  # every input check happens here, before the first step
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"segmerge train: error: {err}", file=sys.stderr)
         return 2
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except TrainingFailed as err:
+        print(f"segmerge train: error: {err}", file=sys.stderr)
+        return err.exit_status
     if result.rank != 0:
         return 130 if result.interrupted else 0
     if result.interrupted:
+        last = shlex.quote(str(result.checkpoint_dir / "last.pt"))
+        abrupt = any(n.startswith("second interrupt") for n in result.notes)
+        saved = "" if abrupt else "checkpoint saved. "
         print(
-            f"interrupted at step {result.iteration}; checkpoint saved. Continue with:\n"
-            f"  python -m segmerge train --resume {result.checkpoint_dir}/last.pt",
+            f"interrupted at step {result.iteration}; {saved}Continue with:\n"
+            f"  python -m segmerge train --resume {last}",
             file=sys.stderr,
         )
         return 130

@@ -65,13 +65,15 @@ NAMED_OPTIONS: dict[str, str | None] = {
     "resume": None,
     "seed": "seed",
     "skip_invalid": "dataset#skip_invalid",
+    "allow_missing": "dataset#allow_missing",
+    "continue_run": None,
     "config": None,
     "bundle_root": "bundle_root",
     "expr": None,
 }
 """Named command-line options (dashes or underscores) and the config id each one sets."""
 
-FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "help", "expr")
+FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "allow_missing", "continue_run", "help", "expr")
 """Options that take no value (their presence means ``True``)."""
 
 _HELP = {
@@ -92,7 +94,9 @@ _HELP = {
     "refresh_every": "recompute the Jacobian every N steps (1 = exact)",
     "resume": "checkpoint file (or folder holding last.pt) to continue from",
     "seed": "random seed",
-    "skip_invalid": "skip invalid cases instead of stopping",
+    "skip_invalid": "skip invalid cases instead of stopping (they are named)",
+    "allow_missing": "accept cases with absent sequence files (trained with those missing)",
+    "continue_run": "with --resume: reopen the checkpoint's MLflow run even if it is finished",
     "config": "extra JSON/YAML config file(s) merged over the defaults",
     "bundle_root": "bundle folder (models/model.pt is written there)",
     "expr": EXPRESSION_HELP,
@@ -119,6 +123,7 @@ class TrainOptions:
     aggregator: str | None = None
     network: str | None = None
     resume: str | None = None
+    continue_run: bool = False
     config_files: list[str] = field(default_factory=list)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     help: bool = False
@@ -186,6 +191,8 @@ def parse_argv(argv: Sequence[str]) -> TrainOptions:
             opts.config_files.append(str(value))
         elif key == "expr":
             opts.expressions = parse_value(value) is True
+        elif key == "continue_run":
+            opts.continue_run = parse_value(value) is True
         else:
             opts.overrides.append((key, value))
     return opts

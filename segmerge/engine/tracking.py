@@ -46,13 +46,15 @@ MAX_PARAM_VALUE = 6000  # MLflow 3 limit for a param value
 MAX_KEY = 250
 BATCH_METRICS = 1000
 BATCH_PARAMS = 100
-RETRY_AFTER_S = 30.0  # after a failed call, wait this long before trying the store again
+RETRY_AFTER_S = 30.0  # after a failed call, wait this long (doubling, at most 16x) to try again
 MAX_QUEUED = 1_000_000  # metrics kept while the store is unreachable
 HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
+# while the store is failing, each retry is one short attempt (training must not stall on it)
+DEGRADED_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 _SCHEMES = (
     "sqlite",
     "http",
@@ -263,6 +265,9 @@ class Tracker:
         """One store call; in resilient mode a failure is recorded and :class:`_Skipped` raised."""
         if self.failure is not None and time.monotonic() < self._retry_at:
             raise _Skipped
+        saved = {k: os.environ.get(k) for k in DEGRADED_BOUNDS}
+        if self.failure is not None:  # MLflow reads these at each request
+            os.environ.update(DEGRADED_BOUNDS)
         try:
             out = fn(*args, **kwargs)
         except Exception as err:
@@ -272,7 +277,7 @@ class Tracker:
             first = self.failures == 0
             self.failure = reason
             self.failures += 1
-            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            self._retry_at = time.monotonic() + RETRY_AFTER_S * 2 ** min(self.failures - 1, 4)
             if first:
                 self._say(
                     f"MLflow store {self.tracking_uri} failed ({reason}); training continues, "
@@ -281,6 +286,12 @@ class Tracker:
                 if self.on_failure is not None:
                     self.on_failure(reason)
             raise _Skipped from err
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         if self.failure is not None:
             self.failure = None
             self._say(f"MLflow store {self.tracking_uri} answers again; sending queued metrics")
@@ -427,6 +438,7 @@ class Tracker:
             return True
         self._retry_at = 0.0  # the last chance: try now
         self.flush()
+        self._retry_at = 0.0  # and the status even if the metrics failed
         try:
             self._call("set_terminated", self.client.set_terminated, self.run_id, status=status)
         except _Skipped:

@@ -469,6 +469,16 @@ class Trainer:
                 f"dataset {path} has {len(problems)} problem(s) (--skip-invalid skips those "
                 f"cases):\n  {listing}{more}"
             )
+        self.skipped_cases = sorted(str(c) for c in bad if c is not None)
+        if self.skipped_cases:
+            shown = ", ".join(self.skipped_cases[:20])
+            more = (
+                f" and {len(self.skipped_cases) - 20} more" if len(self.skipped_cases) > 20 else ""
+            )
+            self._say(
+                f"--skip-invalid: leaving out {len(self.skipped_cases)} case(s) of {path}: "
+                f"{shown}{more} (problems: check-data {path})"
+            )
         train_items = [c for c in spec.training if c.get("case_id") not in bad]
         val_items = [c for c in spec.validation if c.get("case_id") not in bad]
         if self.world > 1:  # every rank must drop the same cases
@@ -492,6 +502,7 @@ class Trainer:
             + len(spec.validation)
             - len(train_items)
             - len(val_items),
+            "skipped_cases": self.skipped_cases,
         }
         try:
             train_tf = g("train_transforms")
@@ -545,7 +556,9 @@ class Trainer:
             run = MlflowClient(tracking_uri=self.tracking_uri).get_run(old)
         except Exception as err:
             if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise ConfigError(f"MLflow store {self.tracking_uri}: {_root_message(err)}") from err
+                raise ConfigError(
+                    f"MLflow store {self.tracking_uri}: {_root_message(err)}"
+                ) from err
             return None, (
                 f"resume: the checkpoint's MLflow run {old} is not in {self.tracking_uri}; a new "
                 f"run continues the checkpoint (tag segmerge.resumed_from={old})"
@@ -601,11 +614,16 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)
-        if reopen is None:
-            self._log_params()
-        if self.resume_state is not None:
-            self._say(note)
-            self._record_resume()
+        try:
+            if reopen is None:
+                self._log_params()
+            if self.resume_state is not None:
+                self._say(note)
+                self._record_resume()
+        except TrackingError as err:  # the store broke right after the run was created
+            self.tracker.resilient = True
+            self.tracker.end("FAILED")
+            raise ConfigError(str(err)) from err
         # from here on a failing store does not stop training (metrics are kept and retried)
         self.tracker.resilient = True
         self.tracker.on_failure = self._on_tracking_failure
@@ -614,16 +632,23 @@ class Trainer:
         """Copy the source's best.pt into a new run's folder; record changed settings."""
         source = self.resume_path.parent if self.resume_path is not None else None
         best = source / "best.pt" if source is not None else None
-        if best is not None and best.is_file() and source.resolve() != self.checkpoint_dir.resolve():
+        if (
+            best is not None
+            and best.is_file()
+            and source.resolve() != self.checkpoint_dir.resolve()
+        ):
             shutil.copyfile(best, self.checkpoint_dir / "best.pt")
         it = self.iteration
         tags = {f"segmerge.resumed_at_step.{it}": str(self.resume_path)}
         if self.resume_changes:
-            text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(self.resume_changes.items()))
+            text = ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(self.resume_changes.items())
+            )
             tags[f"segmerge.resume_changes.{it}"] = text[:5000]
             self._say(f"resume: changed settings (recorded in the run): {text}")
             self.tracker.log_text(
-                json.dumps(self.resolved, indent=2, default=repr), f"config/resolved-from-step-{it}.json"
+                json.dumps(self.resolved, indent=2, default=repr),
+                f"config/resolved-from-step-{it}.json",
             )
         self.tracker.set_tags(tags)
 
@@ -1097,7 +1122,9 @@ class Trainer:
             cpu_weights = {k: v.detach().cpu() for k, v in weights.items()}
             models = self.bundle_root / "models"
             # this run's own copy first (its MLflow artifact), then the bundle's, each atomic
-            result.run_model_path = atomic_torch_save(cpu_weights, models / str(self.run_id) / "model.pt")
+            result.run_model_path = atomic_torch_save(
+                cpu_weights, models / str(self.run_id) / "model.pt"
+            )
             result.model_path = atomic_torch_save(cpu_weights, models / "model.pt")
             self._log_artifacts(result.run_model_path)
             self.tracker.set_tags(
@@ -1240,7 +1267,12 @@ def format_summary(result: TrainResult) -> str:
                     f"{'':>26}{region:<7}{result.dice[region]:.4f}  {result.hd95.get(region, float('nan')):.2f}"
                 )
     if result.model_path is not None:
-        lines.append(f"weights: {result.model_path}")
+        which = f" ({result.weights} weights, epoch {result.best_epoch})" if result.weights else ""
+        lines.append(
+            f"weights: {result.model_path}{which}; this run's copy: {result.run_model_path}"
+        )
+    if result.resumed_from:
+        lines.append(f"continues MLflow run {result.resumed_from} (tag segmerge.resumed_from)")
     if result.checkpoint_dir is not None:
         lines.append(f"checkpoints: {result.checkpoint_dir}")
     if result.run_id:
