@@ -423,29 +423,12 @@ class Study:
         folder = self.out / "data" / "phantoms"
         if (folder / "dataset.json").is_file():
             return folder
-        from segmerge.data import write_phantom_dataset
+        from segmerge.data import cached_phantoms
 
-        spec = dict(self.s.budget.phantoms)
-        self.log(
-            f"writing {spec.get('cases')} phantom case(s) of {spec.get('size')}³ to {folder} ..."
-        )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".phantoms.", dir=folder.parent))
-        try:
-            write_phantom_dataset(
-                tmp,
-                cases=int(spec.get("cases", 20)),
-                size=int(spec.get("size", 64)),
-                seed=int(spec.get("seed", 0)),
-                et_label=self.et_label,
-                layout=str(spec.get("layout", "brats2021")),
-                val_fraction=float(spec.get("val_fraction", 0.2)),
-                workers=max(1, min(8, cpu_cores())),
-                progress=False,
-            )
-            os.replace(tmp, folder)  # the dataset appears whole or not at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        spec = {"cases": 20, "size": 64, **dict(self.s.budget.phantoms)}
+        spec.update(et_label=self.et_label, workers=max(1, min(8, cpu_cores())))
+        self.log(f"writing {spec['cases']} phantom case(s) of {spec['size']}³ to {folder} ...")
+        cached_phantoms(folder, spec)  # the data package's cache, shared with train
         return folder
 
     def _validation_cases(self) -> None:
