@@ -184,8 +184,10 @@ def test_real_mlflow_server_serves_the_run_over_rest(default_run):
         with urllib.request.urlopen(f"{base}/get-artifact?{q}") as r:
             config = json.loads(r.read())
         assert config["aggregator"]["_target_"] == "segmerge.aggregation.GMD"
-        # the engine also writes to a remote server
-        from segmerge.engine.tracking import Tracker
+        # the engine also writes to a remote server (and its start-up probes accept it)
+        from segmerge.engine.tracking import Tracker, check_tracking_uri
+
+        check_tracking_uri(base)
 
         t = Tracker(base, experiment="remote-check")
         t.log_metrics({"x/y": 1.5}, step=3)

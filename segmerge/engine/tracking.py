@@ -136,7 +136,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         # /health alone is not enough: a server can answer it and hang or fail on the API
         probes = (
             ("/health", "/health"),
-            ("/api/2.0/mlflow/experiments/search?max_results=1", "its REST API"),
+            # GET; a 404 (no such experiment) is an answer too
+            (
+                "/api/2.0/mlflow/experiments/get-by-name?experiment_name=segmerge-probe",
+                "its REST API",
+            ),
         )
         for path, what in probes:
             try:
@@ -144,6 +148,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                     if resp.status != 200:
                         raise ValueError(f"tracking server {uri} answered {resp.status} on {what}")
             except urllib.error.HTTPError as err:
+                if err.code == 404 and what != "/health":
+                    continue
                 raise ValueError(
                     f"tracking server {uri} answered {err.code} ({err.reason}) on {what}"
                 ) from err
@@ -297,6 +303,10 @@ class Tracker:
             self._say(f"MLflow store {self.tracking_uri} answers again; sending queued metrics")
         return out
 
+    def retry_now(self) -> None:
+        """Let the next call try a failing store at once (at the end of a run)."""
+        self._retry_at = 0.0
+
     @property
     def pending(self) -> int:
         """Metrics queued and not yet sent."""
@@ -426,6 +436,19 @@ class Tracker:
             except _Skipped:
                 pass
 
+    def dump_pending(self, path: str | os.PathLike) -> int:
+        """Write the metrics not sent as JSON lines (``key, value, timestamp, step``); returns
+        how many (nothing is written when none are pending)."""
+        if not self._metrics:
+            return 0
+        from segmerge.atomic import atomic_destination
+
+        with atomic_destination(path) as tmp, open(tmp, "w") as fh:
+            for m in self._metrics:
+                row = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                fh.write(json.dumps(row) + "\n")
+        return len(self._metrics)
+
     # ------------------------------------------------------------------ end
     def end(self, status: str = "FINISHED") -> bool:
         """Flush and mark the run ``FINISHED`` / ``KILLED`` / ``FAILED``.
@@ -436,9 +459,9 @@ class Tracker:
         """
         if not self.enabled:
             return True
-        self._retry_at = 0.0  # the last chance: try now
+        self.retry_now()  # the last chance: try now
         self.flush()
-        self._retry_at = 0.0  # and the status even if the metrics failed
+        self.retry_now()  # and the status even if the metrics failed
         try:
             self._call("set_terminated", self.client.set_terminated, self.run_id, status=status)
         except _Skipped:

@@ -1077,10 +1077,17 @@ class Trainer:
         if not self.is_main:
             return
         if not self.tracker.end(status):
+            kept = ""
+            if self.tracker.pending:
+                path = self.checkpoint_dir / "unsent_metrics.jsonl"
+                try:
+                    n = self.tracker.dump_pending(path)
+                    kept = f"; the {n} metric value(s) not sent are in {path}"
+                except OSError as err:
+                    kept = f"; {self.tracker.pending} metric value(s) not sent ({err})"
             line = (
-                f"MLflow run {self.run_id}: the store did not take the final status {status} "
-                f"({self.tracker.failure}); {self.tracker.pending} metric value(s) not sent. "
-                f"Weights and checkpoints are written"
+                f"MLflow run {self.run_id}: the store did not take everything "
+                f"({self.tracker.failure}){kept}. Weights and checkpoints are written"
             )
             self._say(line)
             result.notes.append(line)
@@ -1142,6 +1149,7 @@ class Trainer:
     def _log_artifacts(self, model_path: Path) -> None:
         from segmerge.engine import plots
 
+        self.tracker.retry_now()  # the end of the run: worth one more try of a failing store
         folder = Path(tempfile.mkdtemp(prefix="segmerge-artifacts-"))
         try:
             files = []
@@ -1189,7 +1197,10 @@ class Trainer:
                     )
                 )
             self.tracker.log_artifacts(files, "plots")
-            self.tracker.log_artifact(model_path, "model")
+            if not self.tracker.log_artifact(model_path, "model") and self.is_main:
+                line = f"MLflow run {self.run_id}: the weights were not uploaded (they are in {model_path})"
+                self._say(line)
+                self.notes.append(line)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
