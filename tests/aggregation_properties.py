@@ -213,7 +213,8 @@ def assert_coefficients_from_gramian_alone(
 
 def assert_nonfinite_flagged(make: Make, bad: float) -> None:
     """A NaN/Inf anywhere in J is reported (``nonfinite``), the update is all zeros and C and
-    the cosines stay finite: a bad value never reaches the parameters."""
+    the cosines stay finite: a bad value never reaches the parameters. (That a finite J is not
+    flagged is part of :func:`assert_expected_structure`.)"""
     J = torch.randn(5, 30)
     J[2, 7] = bad
     agg = make()
@@ -221,7 +222,6 @@ def assert_nonfinite_flagged(make: Make, bad: float) -> None:
     assert bool(res.nonfinite), repr(agg)
     assert torch.equal(res.update, torch.zeros(30)), repr(agg)
     assert torch.isfinite(res.C).all() and torch.isfinite(res.cosine).all(), repr(agg)
-    assert not bool(call(make(), torch.randn(5, 30)).nonfinite), repr(agg)
 
 
 def assert_repr_reproduces(make: Make, namespace: dict[str, type]) -> None:

@@ -497,11 +497,15 @@ def test_repr_exact():
 
 # -- compilation ------------------------------------------------------------------------------------
 
-# Each method with its defaults (pcgrad: its random order), plus the stateful GradCraft (its norm memory in the graph) and
-# Blending's gradient estimator (the extended Gramian); the host-side methods are exempt.
+# Each method with its defaults (pcgrad: its random order, and an explicit one; gradcraft with
+# b = 0.5, its norm memory in the graph) and Blending's gradient estimator (the extended
+# Gramian); the host-side methods are exempt.
 COMPILE_CASES = [
-    pytest.param(name, {}, id=name) for name in AGGREGATORS if name not in HOST_SIDE
+    pytest.param(name, {}, id=name)
+    for name in AGGREGATORS
+    if name not in HOST_SIDE and name != "gradcraft"
 ] + [
+    pytest.param("pcgrad", dict(order=[2, 0, 1, 4, 3]), id="pcgrad[order]"),
     pytest.param("gradcraft", dict(r=0.5, e=0.1, b=0.5), id="gradcraft[b=0.5]"),
     pytest.param("blending", dict(estimator="gradient"), id="blending[gradient]"),
 ]
@@ -556,13 +560,13 @@ def test_blocked_gramian_matches_float64():
     assert torch.equal(gramian(J), G[:6, :6])
 
 
-DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+# meta: every method that runs on the device (the host-side ones read values by design); CUDA,
+# when present: every method, results on the device and equal to the CPU's.
+DEVICE_CASES = [
+    pytest.param(*c.values, "meta", id=f"{c.id}-meta") for c in cases_except(HOST_SIDE)
+] + [pytest.param(*c.values, "cuda", id=f"{c.id}-cuda") for c in CASES if torch.cuda.is_available()]
 
 
-DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,hp", cases_except(HOST_SIDE))
+@pytest.mark.parametrize("name,hp,device", DEVICE_CASES)
 def test_device_agnostic_and_sync_free(name, hp, device):
     assert_device_agnostic_and_sync_free(factory(name, hp), device)

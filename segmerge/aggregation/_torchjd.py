@@ -497,9 +497,9 @@ class GradVac(TorchJDAggregator):
 
 
 class PCD(TorchJDAggregator):
-    """PCD, priority-constrained descent (torchjd): descent on the *first* objective (row 0,
-    e.g. ``fused.d0``) subject to each other objective keeping a fraction τ of its normalised
-    first-order progress; rows normalised by an EMA of their squared norms.
+    """PCD, Priority-Constrained Descent (TMLR 2026, arXiv 2606.29521): descent on the *first*
+    objective (row 0, e.g. ``fused.d0``) subject to each other objective keeping a fraction τ of
+    its normalised first-order progress; rows normalised by an EMA of their squared norms.
 
     Stateful (the EMA, per objective set). Not permutation invariant: row 0 is the primary.
 
