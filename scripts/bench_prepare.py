@@ -42,7 +42,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     truths, gen = {}, []
     for i in range(args.cases):
         t = time.perf_counter()
-        truths[f"case{i}"] = make_raw_case(raw / f"case{i}", size=args.size, seed=100 + i, scale=args.scale)
+        truths[f"case{i}"] = make_raw_case(
+            raw / f"case{i}", size=args.size, seed=100 + i, scale=args.scale
+        )
         gen.append(time.perf_counter() - t)
     first = sitk.ReadImage(str(raw / "case0" / "T1_GD.nii.gz"))
     opts = PrepareOptions(spacing=args.spacing, n4=not args.no_n4, deformable=args.deformable)
@@ -54,19 +56,34 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     for cid, truth in truths.items():
         qc = json.loads((out / cid / "prepare" / "qc.json").read_text())
         m = evaluate_prepared(truth, out / cid)
-        rows.append({"case": cid, **qc["seconds"], "cpu": qc["cpu_seconds"], **{
-            "tre_mean_max": max(m["tre_mean"].values()), "brain_dice": m["brain_dice"],
-            "prepared_shape": qc["geometry"]["prepared"]["size"],
-        }})
+        rows.append(
+            {
+                "case": cid,
+                **qc["seconds"],
+                "cpu": qc["cpu_seconds"],
+                **{
+                    "tre_mean_max": max(m["tre_mean"].values()),
+                    "brain_dice": m["brain_dice"],
+                    "prepared_shape": qc["geometry"]["prepared"]["size"],
+                },
+            }
+        )
     stages = ["read", "register", "resample", "n4", "skull_strip", "write", "qc"]
-    print(f"\nreference {first.GetSize()} at {tuple(round(s, 2) for s in first.GetSpacing())} mm, "
-          f"--spacing {args.spacing}, workers {args.workers}, generation {np.mean(gen):.1f} s/case")
-    print("| case | " + " | ".join(stages) + " | total s | CPU s | worst mean TRE mm | brain Dice |")
+    print(
+        f"\nreference {first.GetSize()} at {tuple(round(s, 2) for s in first.GetSpacing())} mm, "
+        f"--spacing {args.spacing}, workers {args.workers}, generation {np.mean(gen):.1f} s/case"
+    )
+    print(
+        "| case | " + " | ".join(stages) + " | total s | CPU s | worst mean TRE mm | brain Dice |"
+    )
     print("|" + "---|" * (len(stages) + 5))
     for r in rows:
         tot = sum(r[s] for s in stages)
-        print(f"| {r['case']} | " + " | ".join(f"{r[s]:.1f}" for s in stages)
-              + f" | {tot:.1f} | {r['cpu']:.1f} | {r['tre_mean_max']:.2f} | {r['brain_dice']:.3f} |")
+        print(
+            f"| {r['case']} | "
+            + " | ".join(f"{r[s]:.1f}" for s in stages)
+            + f" | {tot:.1f} | {r['cpu']:.1f} | {r['tre_mean_max']:.2f} | {r['brain_dice']:.3f} |"
+        )
     print(f"run: {total:.1f} s wall for {args.cases} case(s) = {total / args.cases:.1f} s/case")
     return {"rows": rows, "wall": total}
 
@@ -92,11 +109,29 @@ def _clean_case(size: int, seed: int, spacing: float) -> tuple[np.ndarray, np.nd
     case = make_phantom_case(size=size, seed=seed)
     ref = array_to_sitk(case.images["t1ce"], case.affine)
     grid = isotropic_grid(ref, spacing)
-    imgs = [sitk.GetArrayFromImage(sitk.Resample(array_to_sitk(case.images[m], case.affine), grid,
-                                                 sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-            for m in MODALITIES]
-    lab = sitk.GetArrayFromImage(sitk.Resample(array_to_sitk(case.label, case.affine), grid, sitk.Transform(),
-                                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    imgs = [
+        sitk.GetArrayFromImage(
+            sitk.Resample(
+                array_to_sitk(case.images[m], case.affine),
+                grid,
+                sitk.Transform(),
+                sitk.sitkLinear,
+                0.0,
+                sitk.sitkFloat32,
+            )
+        )
+        for m in MODALITIES
+    ]
+    lab = sitk.GetArrayFromImage(
+        sitk.Resample(
+            array_to_sitk(case.label, case.affine),
+            grid,
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            0,
+            sitk.sitkUInt8,
+        )
+    )
     return np.stack(imgs), lab
 
 
@@ -139,12 +174,16 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
         loss.backward()
         opt.step()
         if step % 50 == 0:
-            print(f"step {step} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"step {step} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True
+            )
     net.eval()
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits = sliding_window_inference(torch.from_numpy(_norm(x))[None], (p,) * 3, 2, net, 0.25)
+            logits = sliding_window_inference(
+                torch.from_numpy(_norm(x))[None], (p,) * 3, 2, net, 0.25
+            )
         return torch.sigmoid(logits[0]).numpy() > 0.5
 
     raw, out = work / "raw", work / "out"
@@ -158,15 +197,22 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
     prepare_dataset(raw, out, PrepareOptions(spacing=args.spacing), workers=args.workers)
     for r in rows:
         case = out / r["case"]
-        x = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{r['case']}_{m}.nii.gz"))) for m in MODALITIES])
+        x = np.stack(
+            [
+                sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{r['case']}_{m}.nii.gz")))
+                for m in MODALITIES
+            ]
+        )
         y = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{r['case']}_seg.nii.gz")))
         r["prepared"] = _dice(predict(x)[0], _regions(y)[0] > 0)
     print("| case | WT Dice clean | WT Dice prepared | difference |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['clean']:.3f} | {r['prepared']:.3f} | {r['prepared'] - r['clean']:+.3f} |")
+        diff = r["prepared"] - r["clean"]
+        print(f"| {r['case']} | {r['clean']:.3f} | {r['prepared']:.3f} | {diff:+.3f} |")
     mc, mp = np.mean([r["clean"] for r in rows]), np.mean([r["prepared"] for r in rows])
     print(f"| mean | {mc:.3f} | {mp:.3f} | {mp - mc:+.3f} |")
-    print(f"training {args.steps} steps on {args.train_cases} clean phantoms: {time.perf_counter() - t0:.0f} s")
+    took = time.perf_counter() - t0
+    print(f"training {args.steps} steps on {args.train_cases} clean phantoms: {took:.0f} s")
     return {"rows": rows}
 
 
@@ -174,8 +220,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=160, help="phantom size (160: ~1 mm voxels)")
     ap.add_argument("--spacing", type=float, default=1.0, help="prepare --spacing (mm)")
-    ap.add_argument("--scale", type=float, default=None, help="acquisition spacing factor "
-                    "(default: the phantom's mean spacing)")
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="acquisition spacing factor (default: the phantom's mean spacing)",
+    )
     ap.add_argument("--cases", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-n4", action="store_true")
@@ -189,8 +239,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at start, SimpleITK {sitk.Version.VersionString()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at start, SimpleITK {sitk.Version.VersionString()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         if args.model_check:

@@ -60,7 +60,8 @@ def prepared(tmp_path_factory):
     img.CopyInformation(flair)
     sitk.WriteImage(img, str(bad / "FLAIR.nii.gz"))
     before = _hashes(raw)
-    status = prepare_main(["--input", str(raw), "--output", str(out), "--spacing", "2"])
+    argv = ["--input", str(raw), "--output", str(out), "--spacing", "2", "--workers", "2"]
+    status = prepare_main(argv)  # two worker processes: the parallel path is exercised
     return {"raw": raw, "out": out, "truths": truths, "status": status, "before": before}
 
 
@@ -239,9 +240,19 @@ def test_missing_reference_and_bad_options(tmp_path, capsys):
 def test_default_names(tmp_path):
     names = load_names(None)
     cases = {
-        "FLAIR": "flair", "T2_FLAIR": "flair", "t2-flair": "flair", "T1": "t1",
-        "T1_MPRAGE": "t1", "T1C": "t1ce", "T1_GD": "t1ce", "t1 post contrast": "t1ce",
-        "T2": "t2", "AX T2 TSE": "t2", "P01_T1CE": "t1ce", "seg": "seg", "DWI": None,
+        "FLAIR": "flair",
+        "T2_FLAIR": "flair",
+        "t2-flair": "flair",
+        "T1": "t1",
+        "T1_MPRAGE": "t1",
+        "T1C": "t1ce",
+        "T1_GD": "t1ce",
+        "t1 post contrast": "t1ce",
+        "T2": "t2",
+        "AX T2 TSE": "t2",
+        "P01_T1CE": "t1ce",
+        "seg": "seg",
+        "DWI": None,
     }
     for name, key in cases.items():
         assert match_name(name, names, case_id="P01") == key, name
@@ -280,6 +291,9 @@ def test_predict_prepare_writes_both_geometries(prepared, tmp_path, capsys):
     prepared_t1ce = nib.load(out / "prepared" / "nifti_case" / "nifti_case_t1ce.nii.gz")
     assert grid.shape == prepared_t1ce.shape and np.allclose(grid.header.get_zooms(), 3.0)
     # Labels carried both ways agree: the prepared-grid labels mapped back are the written ones.
-    again = to_original(out / "prepared_grid" / "nifti_case.nii.gz",
-                        out / "prepared" / "nifti_case", tmp_path / "again.nii.gz")
+    again = to_original(
+        out / "prepared_grid" / "nifti_case.nii.gz",
+        out / "prepared" / "nifti_case",
+        tmp_path / "again.nii.gz",
+    )
     assert np.array_equal(np.asarray(nib.load(again).dataobj), np.asarray(back.dataobj))

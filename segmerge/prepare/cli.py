@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from segmerge.conventions import MODALITIES, VALID_ET_LABELS
+
+if TYPE_CHECKING:  # the pipeline (SimpleITK, nibabel) is imported after --help
+    from segmerge.prepare.pipeline import PrepareOptions
 
 __all__ = ["build_parser", "main", "options_from_args"]
 
@@ -77,7 +81,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="cases in parallel (default 1)")
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     """:class:`segmerge.prepare.pipeline.PrepareOptions` from parsed arguments."""
     from segmerge.prepare.pipeline import PrepareOptions
 
@@ -97,10 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``prepare``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     if not args.spacing > 0:
-        print(f"segmerge prepare: error: --spacing must be positive, got {args.spacing}", file=sys.stderr)
+        print(
+            f"segmerge prepare: error: --spacing must be positive, got {args.spacing}",
+            file=sys.stderr,
+        )
         return 2
     if args.workers < 1:
-        print(f"segmerge prepare: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        print(
+            f"segmerge prepare: error: --workers must be at least 1, got {args.workers}",
+            file=sys.stderr,
+        )
         return 2
     from segmerge.prepare.io import PrepareError
     from segmerge.prepare.pipeline import prepare_dataset

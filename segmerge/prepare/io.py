@@ -133,7 +133,9 @@ def dicom_series(folder: Path, case_id: str) -> tuple[list[str], dict[str, str]]
             "image or a localiser?)"
         )
     try:
-        orients = {tuple(round(float(v), 4) for v in h[_TAG_ORIENTATION].split("\\")) for h in headers}
+        orients = {
+            tuple(round(float(v), 4) for v in h[_TAG_ORIENTATION].split("\\")) for h in headers
+        }
         pos = np.array([[float(v) for v in h[_TAG_POSITION].split("\\")] for h in headers])
     except (KeyError, ValueError) as err:
         raise PrepareError(
@@ -222,7 +224,9 @@ def find_sequences(folder: Path, names: dict[str, list[str]]) -> RawCase:
             if key is None and desc:
                 key, matched, by = match_name(desc, names), desc, "SeriesDescription"
             seq = RawSequence(key or "", entry, "dicom", matched, by, files)
-            label = f"folder name {entry.name!r}" + (f" / SeriesDescription {desc!r}" if desc else "")
+            label = f"folder name {entry.name!r}" + (
+                f" / SeriesDescription {desc!r}" if desc else ""
+            )
         else:
             stem = _strip_image_ext(entry.name)
             if stem is None:

@@ -120,7 +120,9 @@ class PrepareReport:
         for o in self.outcomes:
             if o.status == "prepared":
                 mapping = ", ".join(f"{k}<-{v}" for k, v in o.mapping.items())
-                lines.append(f"  {o.case_id}: prepared in {sum(o.seconds.values()):.1f} s ({mapping})")
+                lines.append(
+                    f"  {o.case_id}: prepared in {sum(o.seconds.values()):.1f} s ({mapping})"
+                )
             else:
                 lines.append(f"  {o.case_id}: FAILED, skipped: {o.error}")
         n_ok = len(self.outcomes) - len(self.failures)
@@ -192,7 +194,9 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
     seqs = [m for m in MODALITIES if m in raw.sequences]
 
     t = time.perf_counter()
-    images = {k: read_sequence(raw.sequences[k], cid) for k in (*seqs, LABEL_KEY) if k in raw.sequences}
+    images = {
+        k: read_sequence(raw.sequences[k], cid) for k in (*seqs, LABEL_KEY) if k in raw.sequences
+    }
     ref = images[ref_key]
     seconds["read"] = time.perf_counter() - t
     report["inputs"] = {k: geometry(img) for k, img in images.items()}
@@ -314,16 +318,18 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
         "crop_index": crop_lo,
         "spacing_mm": opts.spacing,
     }
-    report["transforms"] = {
-        k: f"{SIDECAR}/transforms/{k}_to_{ref_key}.tfm" for k in transforms
-    } | ({"mni152": f"{SIDECAR}/transforms/case_to_mni152.tfm"} if mask is not None else {})
+    report["transforms"] = {k: f"{SIDECAR}/transforms/{k}_to_{ref_key}.tfm" for k in transforms} | (
+        {"mni152": f"{SIDECAR}/transforms/case_to_mni152.tfm"} if mask is not None else {}
+    )
     report["files"] = {k: names[k] for k in on_grid} | (
         {"label": names["label"]} if seg_grid is not None else {}
     )
     crop_mask = crop(mask) if mask is not None else None
     arrays = {k: sitk.GetArrayFromImage(crop(on_grid[k])) for k in seqs}
     mask_arr = (
-        sitk.GetArrayFromImage(crop_mask) if crop_mask is not None else np.ones_like(arrays[ref_key])
+        sitk.GetArrayFromImage(crop_mask)
+        if crop_mask is not None
+        else np.ones_like(arrays[ref_key])
     )
     qc.write_montage(side / "montage.png", arrays, mask_arr, cid)
     seconds["qc"] = time.perf_counter() - t
@@ -354,7 +360,9 @@ def _run_one(job: tuple[str, str, PrepareOptions]) -> CaseOutcome:
     return outcome
 
 
-def preflight(input_dir: str | os.PathLike, opts: PrepareOptions) -> tuple[list[Path], dict[str, str]]:
+def preflight(
+    input_dir: str | os.PathLike, opts: PrepareOptions
+) -> tuple[list[Path], dict[str, str]]:
     """Check every case's inputs (names, DICOM series) before any pixel is processed.
 
     Returns:
@@ -403,14 +411,18 @@ def prepare_dataset(
         raise ValueError(f"--spacing must be positive, got {opts.spacing}")
     src, out = Path(input_dir).resolve(), Path(output).resolve()
     if out == src or src in out.parents:
-        raise ValueError(f"--output {out} must lie outside --input {src} (inputs are never modified)")
+        raise ValueError(
+            f"--output {out} must lie outside --input {src} (inputs are never modified)"
+        )
     good, bad = preflight(src, opts)
     report = PrepareReport(out)
     outcomes = {cid: CaseOutcome(cid, "failed", err) for cid, err in bad.items()}
     if good:
         out.mkdir(parents=True, exist_ok=True)
         if opts.threads is None:
-            opts = PrepareOptions(**{**asdict(opts), "threads": max(1, (os.cpu_count() or 1) // workers)})
+            opts = PrepareOptions(
+                **{**asdict(opts), "threads": max(1, (os.cpu_count() or 1) // workers)}
+            )
         jobs = [(str(f), str(out), opts) for f in good]
         if workers == 1 or len(jobs) == 1:
             results = [_run_one(j) for j in jobs]

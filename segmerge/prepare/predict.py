@@ -1,8 +1,8 @@
 """``python -m segmerge predict --prepare``: raw scans -> prepared cases -> labels in scanner space.
 
-    OUTPUT/prepared/            the prepared BraTS dataset (as `segmerge prepare` writes it)
-    OUTPUT/prepared_grid/<case>.nii.gz   labels on the prepared (isotropic, cropped) grid
-    OUTPUT/<case>.nii.gz        labels on the reference sequence's original grid and affine
+OUTPUT/prepared/            the prepared BraTS dataset (as `segmerge prepare` writes it)
+OUTPUT/prepared_grid/<case>.nii.gz   labels on the prepared (isotropic, cropped) grid
+OUTPUT/<case>.nii.gz        labels on the reference sequence's original grid and affine
 """
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from segmerge.inference.predictor import BratsPredictor
 
 __all__ = ["predict_raw"]
 
 
 def predict_raw(
-    predictor, input_dir: str | os.PathLike, output: str | os.PathLike, prepare_args: str = ""
+    predictor: BratsPredictor,
+    input_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    prepare_args: str = "",
 ) -> int:
     """Prepare the raw cases of ``input_dir``, predict them, and map the labels back.
 

@@ -126,9 +126,7 @@ def register(
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        voxels = [
-            float(np.prod([max(1, s // f) for s in fixed.GetSize()])) for f in levels_shrink
-        ]
+        voxels = [float(np.prod([max(1, s // f) for s in fixed.GetSize()])) for f in levels_shrink]
         # The finest level gets max_samples, each coarser one half as many as the next.
         budget = [max_samples / 2 ** (len(voxels) - 1 - i) for i in range(len(voxels))]
         reg.SetMetricSamplingPercentagePerLevel(

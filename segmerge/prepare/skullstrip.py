@@ -27,7 +27,9 @@ TEMPLATE_SPACING_MM = 2.0
 def template() -> tuple[sitk.Image, sitk.Image]:
     """The MNI152 T1 template at 2 mm (float32, WM ~ 1) and its brain mask (uint8)."""
     t1 = sitk.ReadImage(str(template_dir() / TEMPLATE_FILES["t1"]), sitk.sitkFloat32)
-    size = [int(round(s * sp / TEMPLATE_SPACING_MM)) for s, sp in zip(t1.GetSize(), t1.GetSpacing())]
+    size = [
+        int(round(s * sp / TEMPLATE_SPACING_MM)) for s, sp in zip(t1.GetSize(), t1.GetSpacing())
+    ]
     grid = sitk.Image(size, sitk.sitkFloat32)
     grid.SetSpacing((TEMPLATE_SPACING_MM,) * 3)
     grid.SetDirection(t1.GetDirection())
@@ -35,7 +37,9 @@ def template() -> tuple[sitk.Image, sitk.Image]:
         (TEMPLATE_SPACING_MM - np.asarray(t1.GetSpacing())) / 2
     )
     grid.SetOrigin(tuple(float(v) for v in np.asarray(t1.GetOrigin()) + shift))
-    small = sitk.Resample(sitk.SmoothingRecursiveGaussian(t1, 0.5), grid, sitk.Transform(), sitk.sitkLinear)
+    small = sitk.Resample(
+        sitk.SmoothingRecursiveGaussian(t1, 0.5), grid, sitk.Transform(), sitk.sitkLinear
+    )
     peak = float(sitk.GetArrayViewFromImage(small).max())
     mask = sitk.Cast(small > _BRAIN_THRESHOLD * peak, sitk.sitkUInt8)
     return sitk.Cast(small / peak, sitk.sitkFloat32), mask

@@ -182,17 +182,22 @@ def make_raw_case(
             write_dicom_series(acq, folder / RAW_NAMES[m], RAW_NAMES[m], seed * 10 + len(motions))
     if with_seg:
         ref_seg = sitk.Resample(
-            head_label, out_grids[reference], motions[reference], sitk.sitkNearestNeighbor, 0,
+            head_label,
+            out_grids[reference],
+            motions[reference],
+            sitk.sitkNearestNeighbor,
+            0,
             sitk.sitkUInt8,
         )
         sitk.WriteImage(ref_seg, str(folder / "seg.nii.gz"))
-    return RawTruth(
-        motions, head_brain, head_label, clean, out_grids, time.perf_counter() - t0
-    )
+    return RawTruth(motions, head_brain, head_label, clean, out_grids, time.perf_counter() - t0)
 
 
 def write_dicom_series(
-    image: sitk.Image, folder: str | Path, description: str, series_number: int = 1,
+    image: sitk.Image,
+    folder: str | Path,
+    description: str,
+    series_number: int = 1,
     modality: str = "MR",
     prefix: str = "IM",
 ) -> list[Path]:
