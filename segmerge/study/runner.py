@@ -243,10 +243,10 @@ def _pid_alive(pid: int, folder: Path) -> bool:
     return True
 
 
-def describe_setup(parser: Any) -> dict[str, str]:
+def describe_setup(parser: Any, preset: str | None = None) -> dict[str, str]:
     """``network`` and ``objectives`` of a resolved training configuration, as short text for
-    the MLflow tags and the report (``MultiModalDSNet``, ``ObjectiveSet``; a configuration's
-    own ``network`` / ``subsets`` ids are shown too when it has them)."""
+    the MLflow tags and the report (``late: MultiModalDSNet(fusion=mean)``,
+    ``ObjectiveSet(subsets=all, ...)``); ``preset`` is the ``--network`` preset name, if any."""
 
     def short(section: str) -> str:
         try:
@@ -260,17 +260,18 @@ def describe_setup(parser: Any) -> dict[str, str]:
         return f"{target}({', '.join(details)})" if details else target
 
     network, objectives = short("network_def"), short("objectives")
-    for key, into in (("network", "network"), ("subsets", "objectives")):
-        try:
-            value = parser.get(key)
-        except Exception:  # noqa: BLE001
-            value = None
-        if value is not None and not isinstance(value, dict):
-            if into == "network":
-                network = f"{value}: {network}"
-            else:
-                objectives = f"{objectives}, subsets={value}"
+    if preset:
+        network = f"{preset}: {network}"
     return {"network": network, "objectives": objectives}
+
+
+def _network_preset(settings: StudySettings) -> str | None:
+    """The ``--network`` preset the trainings get (extra options win over the budget's)."""
+    preset = settings.budget.train.get("network")
+    for i, token in enumerate(settings.extra[:-1]):
+        if token == "--network":
+            preset = settings.extra[i + 1]
+    return None if preset is None else str(preset)
 
 
 class Study:
@@ -346,7 +347,7 @@ class Study:
                 raise StudyError(f"training options for {m}: {err}") from err
         first = self.configs[self.s.methods[0]]
         self.et_label = int(first.get_parsed_content("dataset#et_label"))
-        self.setup = describe_setup(first)
+        self.setup = describe_setup(first, _network_preset(self.s))
         if dry_run:
             return
         for m, s in self.units():
