@@ -110,9 +110,14 @@ class OnnxRuntimeNetwork:
     Args:
         model: serialised ONNX model (bytes) or the path of a ``.onnx`` file.
         threads: intra-op threads (default: ``torch.get_num_threads()``, as PyTorch would use).
+        require_available: refuse a graph without the ``available`` input (one exported by
+            ``monai.bundle onnx_export``, or of a network that ignores availability); with
+            ``False`` such a graph is fed the image alone.
     """
 
-    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, model: bytes | str | Path, threads: int | None = None, require_available: bool = True
+    ) -> None:
         import onnxruntime as ort  # optional dependency: the `export` extra
 
         options = ort.SessionOptions()
@@ -123,7 +128,8 @@ class OnnxRuntimeNetwork:
             source, sess_options=options, providers=["CPUExecutionProvider"]
         )
         names = tuple(i.name for i in self.session.get_inputs())
-        if names != INPUT_NAMES:
+        self.takes_available = names == INPUT_NAMES
+        if not self.takes_available and (require_available or names != INPUT_NAMES[:1]):
             raise ValueError(
                 f"ONNX model inputs are {names}, expected {INPUT_NAMES} (export it with "
                 "segmerge.inference.onnx.export_onnx)"
@@ -133,10 +139,9 @@ class OnnxRuntimeNetwork:
         """Region logits ``(B, 3, ...)`` as a CPU float tensor."""
         if available is None:
             available = torch.ones(x.shape[0], len(MODALITIES), dtype=torch.bool)
-        feeds = {
-            "image": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32),
-            "available": np.ascontiguousarray(available.detach().cpu().numpy().astype(bool)),
-        }
+        feeds = {"image": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)}
+        if self.takes_available:
+            feeds["available"] = np.ascontiguousarray(available.detach().cpu().numpy().astype(bool))
         (out,) = self.session.run(list(OUTPUT_NAMES), feeds)
         if out.shape[1] != len(REGIONS):
             raise ValueError(f"ONNX model returned {out.shape[1]} channels, expected {len(REGIONS)}")
