@@ -32,6 +32,7 @@ __all__ = [
     "EXPRESSION_HELP",
     "RULE_HELP",
     "decode_literal",
+    "for_argparse",
     "interpretable",
     "literal",
     "parse_assignments",
@@ -50,6 +51,12 @@ EXPRESSION_HELP = (
     "evaluate values starting with $ (Python expression), @ (reference) or % (macro) as MONAI "
     "does in a bundle config file (they run code)"
 )
+
+
+def for_argparse(text: str) -> str:
+    """``text`` as an ``argparse`` help string (which %-formats it: ``%`` is written ``%%``)."""
+    return text.replace("%", "%%")
+
 
 _PREFIXES = ("$", "@", "%")
 _SAFE = re.compile(r"[A-Za-z0-9 _.,/+=-]")

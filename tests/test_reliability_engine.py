@@ -130,10 +130,17 @@ def test_expressions_only_with_expr(tmp_path):
     assert to_config("@x", expressions=True) == "@x"
 
 
-def test_the_rule_is_in_the_help():
+def test_the_rule_is_in_the_help(capsys):
+    from segmerge.inference.cli import predict_main
+
     text = usage()
     assert "--expr" in text and "NOT evaluated unless --expr" in text
     assert "config files (configs/*.json, --config) are code" in text
+    with pytest.raises(SystemExit) as done:  # argparse %-formats help: '%' must be escaped
+        predict_main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a value starting with $, @ or % is NOT evaluated unless --expr" in out
 
 
 def test_a_dollar_learning_rate_is_a_clear_value_error(tmp_path, capsys):

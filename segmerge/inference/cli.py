@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segmerge.conventions import VALID_ET_LABELS
-from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, parse_assignments
+from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, for_argparse, parse_assignments
 
 __all__ = ["predict_main", "evaluate_main"]
 
@@ -45,9 +45,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ID=VALUE",
-        help="override a config id, e.g. --set roi_size=[96,96,96] (repeatable); " + RULE_HELP,
+        help="override a config id, e.g. --set roi_size=[96,96,96] (repeatable); "
+        + for_argparse(RULE_HELP),
     )
-    parser.add_argument("--expr", action="store_true", help=EXPRESSION_HELP)
+    parser.add_argument("--expr", action="store_true", help=for_argparse(EXPRESSION_HELP))
 
 
 def _predictor_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
