@@ -226,3 +226,32 @@ def test_validation_logs_lesionwise_means():
     assert values["val/lesion_dice/wt"] == 1.0 and values["val/lesion_f1/tc"] == 1.0
     assert values["val/lesion_hd95/wt"] == 0.0
     assert "val/lesion_dice/et" not in values and values["val/dice/et"] == 1.0
+
+
+def test_resection_cavity_scheme_in_check_data_and_transforms(tmp_path):
+    """BraTS 2024+ labels (ET 3, cavity 4): check-data and the label transforms accept them with
+    the flag, refuse label 4 without it, and the cavity is in no region."""
+    import torch
+    from test_inference_helpers import phantom, write_case
+
+    from segmerge.data.cli import check_data_main
+    from segmerge.data.transforms import CheckLabeld, val_transforms
+
+    case = phantom(32, 0)
+    label = case.label.copy()
+    label[label == 4] = 3
+    label[:4, :4, :4] = 4  # a resection cavity in a corner
+    write_case(tmp_path / "ds", "c2024", case.images, case.affine, label)
+    base = [str(tmp_path / "ds"), "--et-label", "3", "--quiet", "--workers", "1"]
+    assert check_data_main(base) == 1  # 4 is not a BraTS 2023 label
+    assert check_data_main([*base, "--resection-cavity"]) == 0
+    assert check_data_main([*base[:2], "4", *base[3:], "--resection-cavity"]) == 2
+    with pytest.raises(ValueError, match=r"values \[4\]"):
+        CheckLabeld("label", et_label=3)({"label": torch.as_tensor(label)})
+    item = {"case_id": "c2024", "label": str(tmp_path / "ds/c2024/c2024_seg.nii.gz")}
+    item.update({m: str(tmp_path / f"ds/c2024/c2024_{m}.nii.gz") for m in case.images})
+    out = val_transforms(et_label=3, resection_cavity=True)(item)
+    assert out["label"].shape[0] == len(REGIONS)
+    # the cavity is in no region: WT counts exactly the voxels labelled 1, 2 or 3
+    assert float(out["label"][0].sum()) == float(np.isin(label, (1, 2, 3)).sum())
+    assert (label == 4).sum() == 64

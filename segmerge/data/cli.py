@@ -107,6 +107,11 @@ def check_data_main(argv: list[str] | None = None) -> int:
         "--allow-missing", action="store_true", help="accept cases with absent modality files"
     )
     ap.add_argument(
+        "--resection-cavity",
+        action="store_true",
+        help="BraTS 2024+ adult glioma labels: 4 is the resection cavity (needs --et-label 3)",
+    )
+    ap.add_argument(
         "--affine-tol", type=float, default=1e-3, help="affine tolerance in mm (default 1e-3)"
     )
     ap.add_argument("--workers", type=int, default=2, help="cases read at once (default 2)")
@@ -120,9 +125,17 @@ def check_data_main(argv: list[str] | None = None) -> int:
         print(f"* | {args.path} | dataset readable | {e}")
         print("1 problem: the dataset cannot be read", file=sys.stderr)
         return 1
-    problems = validate_dataset(
-        spec, affine_tol=args.affine_tol, progress=not args.quiet, workers=args.workers
-    )
+    try:
+        problems = validate_dataset(
+            spec,
+            affine_tol=args.affine_tol,
+            progress=not args.quiet,
+            workers=args.workers,
+            resection_cavity=args.resection_cavity,
+        )
+    except ValueError as e:  # a label scheme that does not exist (cavity without et_label 3)
+        print(f"check-data: error: {e}", file=sys.stderr)
+        return 2
     if spec.ignored:  # predict reports them as cases it cannot predict
         names = ", ".join(d.name for d in spec.ignored[:10])
         more = f" and {len(spec.ignored) - 10} more" if len(spec.ignored) > 10 else ""

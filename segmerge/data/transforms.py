@@ -130,18 +130,32 @@ class CheckLabeld(_LabelTransform):
         keys: label key(s).
         et_label: enhancing-tumour label value (4 or 3).
         allow_missing_keys: skip cases without a label (testing data).
+        resection_cavity: also accept 4 = resection cavity (BraTS 2024+, et_label 3; the cavity
+            is in no region, :func:`segmerge.conventions.labels_to_regions`).
     """
+
+    def __init__(
+        self,
+        keys: KeysCollection = LABEL,
+        et_label: int = 4,
+        allow_missing_keys: bool = True,
+        resection_cavity: bool = False,
+    ) -> None:
+        super().__init__(keys, et_label, allow_missing_keys)
+        self.resection_cavity = bool(resection_cavity)
+        label_set(self.et_label, self.resection_cavity)  # a valid scheme
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        allowed = torch.tensor(label_set(self.et_label))
+        allowed = torch.tensor(label_set(self.et_label, self.resection_cavity))
         for key in self.key_iterator(d):
             values = torch.unique(torch.as_tensor(d[key]))
             bad = values[~torch.isin(values, allowed.to(values.dtype))]
             if bad.numel():
                 raise ValueError(
                     f"case {d.get('case_id', '?')}: {key} has values {bad.tolist()} outside "
-                    f"{list(label_set(self.et_label))} (et_label={self.et_label})"
+                    f"{list(label_set(self.et_label, self.resection_cavity))} "
+                    f"(et_label={self.et_label}, resection_cavity={self.resection_cavity})"
                 )
         return d
 
@@ -213,7 +227,7 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-def _load_steps(et_label: int, allow_missing_label: bool) -> list:
+def _load_steps(et_label: int, allow_missing_label: bool, resection_cavity: bool = False) -> list:
     keys = list(MODALITIES)
     return [
         LoadImaged(
@@ -232,7 +246,7 @@ def _load_steps(et_label: int, allow_missing_label: bool) -> list:
         ),
         StackModalitiesd(),
         Orientationd(keys=[IMAGE, LABEL], axcodes="RAS", labels=None, allow_missing_keys=True),
-        CheckLabeld(LABEL, et_label=et_label),
+        CheckLabeld(LABEL, et_label=et_label, resection_cavity=resection_cavity),
     ]
 
 
@@ -288,6 +302,7 @@ def train_transforms(
     shift_intensity: float = 0.1,
     intensity_prob: float = 1.0,
     seed: int | None = 0,
+    resection_cavity: bool = False,
 ) -> Compose:
     """Training pipeline: deterministic prefix (cacheable), then random patch and augmentation.
 
@@ -304,6 +319,7 @@ def train_transforms(
         shift_intensity: per-channel intensity offset range ``± shift_intensity`` (after z-scoring).
         intensity_prob: probability of each intensity augmentation.
         seed: random state of the pipeline (None leaves MONAI's default).
+        resection_cavity: labels use 4 = resection cavity (BraTS 2024+, et_label 3).
 
     Returns:
         A ``Compose`` producing ``image`` (4, *patch) float32, ``label`` (3, *patch) float32,
@@ -314,7 +330,7 @@ def train_transforms(
     keys = [IMAGE, LABEL]
     steps = [
         _DropNone(),
-        *_load_steps(et_label, allow_missing_label=False),
+        *_load_steps(et_label, allow_missing_label=False, resection_cavity=resection_cavity),
         SpatialPadd(keys=keys, spatial_size=patch),
         # Patch centres, computed once and cached (they cost ~20 % of every random sample
         # otherwise): tumour voxels, and non-tumour voxels inside the brain (raw intensity > 0 in
@@ -353,12 +369,15 @@ def train_transforms(
     return compose
 
 
-def val_transforms(et_label: int = 4, require_label: bool = False) -> Compose:
+def val_transforms(
+    et_label: int = 4, require_label: bool = False, resection_cavity: bool = False
+) -> Compose:
     """Validation / inference pipeline: whole volumes, deterministic.
 
     Args:
         et_label: enhancing-tumour label value (4 or 3).
         require_label: fail on cases without a label (testing cases pass through without one).
+        resection_cavity: labels use 4 = resection cavity (BraTS 2024+, et_label 3).
 
     Returns:
         A ``Compose`` producing ``image`` (4, H, W, D) float32 MetaTensor (RAS, with the affine),
@@ -368,7 +387,9 @@ def val_transforms(et_label: int = 4, require_label: bool = False) -> Compose:
     return Compose(
         [
             _DropNone(),
-            *_load_steps(et_label, allow_missing_label=not require_label),
+            *_load_steps(
+                et_label, allow_missing_label=not require_label, resection_cavity=resection_cavity
+            ),
             _normalise(),
             LabelToRegionsd(LABEL, et_label=et_label),
             RandModalityDropoutd(IMAGE, prob=0.0),  # zero absent channels (no-op otherwise)

@@ -138,6 +138,7 @@ def check_case(
     allow_missing: bool = True,
     affine_tol: float = 1e-3,
     labels: bool = True,
+    resection_cavity: bool = False,
 ) -> list[Problem]:
     """Every problem of one case (empty list: valid); reads each listed file once.
 
@@ -149,6 +150,7 @@ def check_case(
             not exist is always a problem.
         affine_tol: largest tolerated affine difference (mm) between the case's files.
         labels: also check the label file (``predict`` reads only the sequences).
+        resection_cavity: label 4 is the resection cavity (BraTS 2024+ adult glioma, et_label 3).
 
     Returns:
         The problems, each naming the case, the file, the rule and what was found.
@@ -218,7 +220,7 @@ def check_case(
 
     for key, (data, _, path) in loaded.items():
         if key == "label":
-            allowed = np.array(label_set(et_label))
+            allowed = np.array(label_set(et_label, resection_cavity))
             values, counts = np.unique(data, return_counts=True)
             bad = ~np.isin(values, allowed)
             if bad.any():
@@ -256,6 +258,7 @@ def validate_dataset(
     affine_tol: float = 1e-3,
     progress: bool = False,
     workers: int = 1,
+    resection_cavity: bool = False,
 ) -> list[Problem]:
     """Check every file of every case and return all problems (empty list: the dataset is valid).
 
@@ -266,6 +269,7 @@ def validate_dataset(
         affine_tol: largest tolerated difference (mm) between affines of one case's files.
         progress: show a tqdm progress bar.
         workers: cases checked at once in threads (zlib decompression releases the GIL).
+        resection_cavity: label 4 is the resection cavity (BraTS 2024+ adult glioma, et_label 3).
 
     Returns:
         The problems, in case order, each naming case, file, rule and the value found.
@@ -283,6 +287,7 @@ def validate_dataset(
         spec = None
         splits = [("items", list(spec_or_items))]
     et_label = check_et_label(4 if et_label is None else et_label)
+    label_set(et_label, resection_cavity)  # the scheme itself is valid
     allow_missing = bool(allow_missing)
     problems: list[Problem] = []
     if spec is not None:
@@ -308,7 +313,9 @@ def validate_dataset(
     from tqdm.auto import tqdm
 
     def check(pair: tuple[str, dict]) -> list[Problem]:
-        return check_case(pair[1], pair[0], et_label, allow_missing, affine_tol)
+        return check_case(
+            pair[1], pair[0], et_label, allow_missing, affine_tol, resection_cavity=resection_cavity
+        )
 
     bar = tqdm(total=len(items), desc="check-data", unit="case", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
