@@ -127,6 +127,36 @@ def time_network(
     return best
 
 
+def per_window(
+    nets: list[tuple[str, nn.Module]], roi: list[int], backends: list[str], reps: int = 2
+) -> list[str]:
+    """CPU milliseconds per sliding window of the networks alone, batch 1 and 8, per backend.
+
+    Isolates the network from reading, blending and writing; CPU time (``time.process_time``) of
+    this process, so other jobs on the machine matter less than for wall time.
+    """
+    lines = ["| network | backend | ms / window, batch 1 | ms / window, batch 8 |", "|---|---|---:|---:|"]
+    for backend in backends:
+        for name, net in nets:
+            net.eval()
+            run = net
+            if backend == "onnxruntime":
+                run = OnnxRuntimeNetwork(export_onnx(net), require_available=False)
+            cells = []
+            for batch in (1, 8):
+                x = torch.randn(batch, len(MODALITIES), *roi)
+                available = torch.ones(batch, len(MODALITIES), dtype=torch.bool)
+                with torch.no_grad():
+                    run(x, available)  # warm-up
+                    t0 = time.process_time()
+                    for _ in range(reps):
+                        run(x, available)
+                cells.append(f"{(time.process_time() - t0) / reps / batch * 1000:.0f}")
+            lines.append(f"| {name} | {backend} | {cells[0]} | {cells[1]} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print (and optionally write) a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (fastest kept)")
     parser.add_argument(
         "--backends", default="pytorch,onnxruntime", help="comma-separated: pytorch, onnxruntime"
+    )
+    parser.add_argument(
+        "--per-window", action="store_true", help="time the networks alone per window instead"
     )
     parser.add_argument("--out", help="write the markdown report here")
     args = parser.parse_args(argv)
@@ -146,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     ours = config.get_parsed_content("network_def")
     segresnet, filters = matched_segresnet(n_params(ours))
     roi, overlap = config["roi_size"], config["overlap"]
+    if args.per_window:
+        nets = [
+            (f"segmerge MultiModalDSNet (features {list(ours.features)})", ours),
+            (f"MONAI SegResNet (init_filters {filters})", _MaskIgnored(segresnet)),
+        ]
+        lines = per_window(nets, list(roi), backends)
+        head = f"Window {list(roi)}, `torch.set_num_threads({args.threads})`, CPU ms per window:"
+        text = "\n".join([head, "", *lines]) + "\n"
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
