@@ -28,6 +28,7 @@ from aggregation_properties import (
     assert_permutation_equivariant,
     assert_positively_homogeneous,
     assert_repr_reproduces,
+    close,
     factory,
     permuted_order,
     registered_cases,
@@ -61,12 +62,6 @@ DTYPES = [torch.float32, torch.float64]
 
 def t(rows, dtype=torch.float64):
     return torch.tensor(rows, dtype=dtype)
-
-
-def close(a, b, rtol=1e-5):
-    b = torch.as_tensor(b, dtype=a.dtype)
-    scale = b.abs().max().clamp_min(1e-30)
-    return bool((a - b).abs().max() <= rtol * scale)
 
 
 # -- public reference values (algorithms.md) ------------------------------------------------

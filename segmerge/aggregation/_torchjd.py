@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._core import Aggregator, state_keys
+from ._core import Aggregator, check_choice, state_keys
 
 __all__ = [
     "CAGrad",
@@ -87,12 +87,16 @@ def _floats(value: Sequence[float] | None) -> list[float] | None:
 class TorchJDAggregator(Aggregator):
     """Base of the bridge: segmerge's Gramian -> a torchjd ``Weighting`` -> ``C = diag(w)``.
 
-    A subclass names torchjd's aggregator (``reference``: the oracle the tests compare with),
-    builds the torchjd weighting from its hyper-parameters in :meth:`_build`, and, when the
-    weighting keeps state, saves and restores it with :meth:`_save_state` / :meth:`_load_state`.
+    A subclass names torchjd's aggregator (``reference``: the oracle the tests compare with) and
+    weighting (``weighting``), declares the hyper-parameters in its ``__init__`` signature and
+    passes them to this ``__init__`` (they become attributes, the configuration and ``repr``);
+    by default they are torchjd's weighting's keyword arguments (:meth:`_build` otherwise). When
+    the weighting keeps state, :meth:`_save_state` / :meth:`_load_state` save and restore it.
 
     Class attributes:
         reference: name of the torchjd aggregator this bridges, e.g. ``"UPGrad"``.
+        weighting: name of the torchjd weighting built by the default :meth:`_build`.
+        bridge_only: hyper-parameters of the bridge, not passed to torchjd (GradVac's seed).
         stateful: the weighting's output depends on earlier calls.
         seeded: the weighting draws from torch's global CPU generator (run under the bridge's
             own seeded generator state).
@@ -101,23 +105,32 @@ class TorchJDAggregator(Aggregator):
     """
 
     reference: ClassVar[str]
+    weighting: ClassVar[str] = ""
+    bridge_only: ClassVar[tuple[str, ...]] = ()
     stateful: ClassVar[bool] = False
     seeded: ClassVar[bool] = False
     matrix_input: ClassVar[bool] = False
     min_objectives: ClassVar[int] = 1
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, **hparams: Any) -> None:
         super().__init__()
-        self.seed = int(seed)
+        self._hparams = dict(hparams)
+        for name, value in hparams.items():
+            setattr(self, name, value)
+        self.seed = int(hparams.get("seed", 0))
         self._weightings: dict[tuple[str, ...], torch.nn.Module] = {}
         self._rng_state: Tensor | None = None
         self.reset()
         self._checked_build(2)  # torchjd's setters reject bad hyper-parameters now, not later
 
-    # -- to be provided by each bridged method ------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return dict(self._hparams)
+
+    # -- what a bridged method may replace --------------------------------------------------
     def _build(self, K: int) -> torch.nn.Module:
         """A fresh torchjd weighting for K objectives (it computes in float64)."""
-        raise NotImplementedError
+        kwargs = {k: v for k, v in self._hparams.items() if k not in self.bridge_only}
+        return getattr(_tjd(), self.weighting)(**kwargs)
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         """The weighting's state as tensors and plain values (stateful methods)."""
@@ -236,6 +249,7 @@ class UPGrad(TorchJDAggregator):
     """
 
     reference = "UPGrad"
+    weighting = "UPGradWeighting"
 
     def __init__(
         self,
@@ -243,12 +257,9 @@ class UPGrad(TorchJDAggregator):
         norm_eps: float = 1e-4,
         reg_eps: float = 1e-4,
     ) -> None:
-        self.pref_vector = _floats(pref_vector)
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
+        super().__init__(
+            pref_vector=_floats(pref_vector), norm_eps=float(norm_eps), reg_eps=float(reg_eps)
+        )
 
     def _pref(self) -> Tensor | None:
         return None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=_F64)
@@ -258,7 +269,7 @@ class UPGrad(TorchJDAggregator):
         return linalg.QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)
 
     def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().UPGradWeighting(self._pref(), projector=self._projector())
+        return getattr(_tjd(), self.weighting)(self._pref(), projector=self._projector())
 
 
 class DualProj(UPGrad):
@@ -274,9 +285,7 @@ class DualProj(UPGrad):
     """
 
     reference = "DualProj"
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().DualProjWeighting(self._pref(), projector=self._projector())
+    weighting = "DualProjWeighting"
 
 
 class MGDA(TorchJDAggregator):
@@ -294,16 +303,10 @@ class MGDA(TorchJDAggregator):
     """
 
     reference = "MGDA"
+    weighting = "MGDAWeighting"
 
     def __init__(self, epsilon: float = 1e-3, max_iters: int = 100) -> None:
-        self.epsilon, self.max_iters = float(epsilon), int(max_iters)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "max_iters": self.max_iters}
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().MGDAWeighting(epsilon=self.epsilon, max_iters=self.max_iters)
+        super().__init__(epsilon=float(epsilon), max_iters=int(max_iters))
 
 
 class CAGrad(TorchJDAggregator):
@@ -318,16 +321,10 @@ class CAGrad(TorchJDAggregator):
     """
 
     reference = "CAGrad"
+    weighting = "CAGradWeighting"
 
     def __init__(self, c: float = 0.5, norm_eps: float = 1e-4) -> None:
-        self.c, self.norm_eps = float(c), float(norm_eps)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"c": self.c, "norm_eps": self.norm_eps}
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().CAGradWeighting(c=self.c, norm_eps=self.norm_eps)
+        super().__init__(c=float(c), norm_eps=float(norm_eps))
 
 
 class IMTLG(TorchJDAggregator):
@@ -337,12 +334,10 @@ class IMTLG(TorchJDAggregator):
     """
 
     reference = "IMTLG"
+    weighting = "IMTLGWeighting"
 
     def __init__(self) -> None:
         super().__init__()
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().IMTLGWeighting()
 
 
 class AlignedMTL(TorchJDAggregator):
@@ -356,19 +351,12 @@ class AlignedMTL(TorchJDAggregator):
     """
 
     reference = "AlignedMTL"
+    weighting = "AlignedMTLWeighting"
 
     def __init__(self, pref_vector: Sequence[float] | None = None, scale_mode: str = "min") -> None:
-        self.pref_vector = _floats(pref_vector)
-        if scale_mode not in ("min", "median", "rmse"):
-            raise ValueError(
-                f"AlignedMTL: scale_mode must be one of ['min', 'median', 'rmse'], "
-                f"got {scale_mode!r}"
-            )
-        self.scale_mode = scale_mode
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"pref_vector": self.pref_vector, "scale_mode": self.scale_mode}
+        # torchjd checks scale_mode only when weighting: check it here, with the closest choice
+        check_choice("AlignedMTL", "scale_mode", scale_mode, ("min", "median", "rmse"))
+        super().__init__(pref_vector=_floats(pref_vector), scale_mode=scale_mode)
 
     def _build(self, K: int) -> torch.nn.Module:
         pref = None if self.pref_vector is None else torch.tensor(self.pref_vector, dtype=_F64)
@@ -386,17 +374,12 @@ class FairGrad(TorchJDAggregator):
     """
 
     reference = "FairGrad"
+    weighting = "FairGradWeighting"
 
     def __init__(self, alpha: float = 1.0, max_iters: int | None = None) -> None:
-        self.alpha = float(alpha)
-        self.max_iters = None if max_iters is None else int(max_iters)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "max_iters": self.max_iters}
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().FairGradWeighting(alpha=self.alpha, max_iters=self.max_iters)
+        super().__init__(
+            alpha=float(alpha), max_iters=None if max_iters is None else int(max_iters)
+        )
 
 
 class NashMTL(TorchJDAggregator):
@@ -420,27 +403,15 @@ class NashMTL(TorchJDAggregator):
     def __init__(
         self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20
     ) -> None:
-        self.max_norm = float(max_norm)
-        self.update_weights_every = int(update_weights_every)
-        self.optim_niter = int(optim_niter)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {
-            "max_norm": self.max_norm,
-            "update_weights_every": self.update_weights_every,
-            "optim_niter": self.optim_niter,
-        }
+        super().__init__(
+            max_norm=float(max_norm),
+            update_weights_every=int(update_weights_every),
+            optim_niter=int(optim_niter),
+        )
 
     def _build(self, K: int) -> torch.nn.Module:
         # torchjd's aggregator owns the (private) weighting; the bridge uses the weighting alone.
-        nash = _tjd().NashMTL(
-            n_tasks=K,
-            max_norm=self.max_norm,
-            update_weights_every=self.update_weights_every,
-            optim_niter=self.optim_niter,
-        )
-        return nash.weighting
+        return _tjd().NashMTL(n_tasks=K, **self._hparams).weighting
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         return {
@@ -473,18 +444,13 @@ class GradVac(TorchJDAggregator):
     """
 
     reference = "GradVac"
+    weighting = "GradVacWeighting"
+    bridge_only = ("seed",)
     stateful = True
     seeded = True
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> None:
-        self.beta, self.eps = float(beta), float(eps)
-        super().__init__(seed=seed)
-
-    def _config(self) -> dict[str, Any]:
-        return {"beta": self.beta, "eps": self.eps, "seed": self.seed}
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().GradVacWeighting(beta=self.beta, eps=self.eps)
+        super().__init__(beta=float(beta), eps=float(eps), seed=int(seed))
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         phi = weighting._phi_t
@@ -510,17 +476,11 @@ class PCD(TorchJDAggregator):
     """
 
     reference = "PCD"
+    weighting = "PCDWeighting"
     stateful = True
 
     def __init__(self, tau: float = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
-        self.tau, self.beta, self.eps = float(tau), float(beta), float(eps)
-        super().__init__()
-
-    def _config(self) -> dict[str, Any]:
-        return {"tau": self.tau, "beta": self.beta, "eps": self.eps}
-
-    def _build(self, K: int) -> torch.nn.Module:
-        return _tjd().PCDWeighting(tau=self.tau, beta=self.beta, eps=self.eps)
+        super().__init__(tau=float(tau), beta=float(beta), eps=float(eps))
 
     def _save_state(self, weighting: torch.nn.Module) -> dict[str, Any]:
         ema = weighting._sq_norm_ema
