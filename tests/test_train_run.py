@@ -331,7 +331,7 @@ def test_torchrun_two_processes_one_mlflow_run(tmp_path, cache, store):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
-def test_skip_invalid_trains_without_the_broken_case(tmp_path, cache, store):
+def test_skip_invalid_trains_without_the_broken_case(tmp_path, cache, store, capsys):
     import shutil
 
     (src,) = [p for p in cache.iterdir() if p.name.startswith("phantoms-")]
@@ -343,8 +343,12 @@ def test_skip_invalid_trains_without_the_broken_case(tmp_path, cache, store):
     args = tiny(cache, "--bundle_root", str(tmp_path), "--tracking-uri", store, "--data", str(data))
     args += ["--experiment", "skip-invalid", "--epochs", "1", "--steps-per-epoch", "1"]
     assert main(args) == 2  # refused before training without --skip-invalid
+    capsys.readouterr()
     assert main([*args, "--skip-invalid"]) == 0
+    err = capsys.readouterr().err
+    assert f"--skip-invalid: leaving out 1 case(s) of {data}: {broken['case_id']}" in err
     _, runs = _client(uri=store, experiment="skip-invalid")
     params = runs[0].data.params
     assert params["data/n_skipped_invalid"] == "1"
+    assert json.loads(params["data/skipped_cases"]) == [broken["case_id"]]
     assert int(params["data/n_training"]) == len(spec["training"]) - 1

@@ -48,6 +48,7 @@ from segmerge.engine.checkpoint import (
     stored_config,
 )
 from segmerge.engine.config import ConfigError
+from segmerge.engine.dist import all_reduce, barrier, broadcast_object, rank_world
 from segmerge.engine.lock import FolderLock, FolderLocked
 from segmerge.engine.metrics_buffer import StepMetrics
 from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
@@ -162,17 +163,6 @@ def dataset_location(parser: ConfigParser) -> Path:
         return Path(ds["path"]).expanduser()
     cache = Path(parser.get_parsed_content("cache_dir")).expanduser().absolute()
     return phantom_cache_path(cache, phantom_spec(parser))
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> int | None:
@@ -316,7 +306,7 @@ class Trainer:
 
     def _init_distributed(self) -> None:
         self._owns_group = False
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_world()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             want = str(self.parser.get("device", "auto"))
             cuda = want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())
@@ -325,7 +315,7 @@ class Trainer:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend)
             self._owns_group = True
-            self.rank, self.world = _rank_world()
+            self.rank, self.world = rank_world()
         self.is_main = self.rank == 0
 
     def _settings(self) -> None:
@@ -436,7 +426,7 @@ class Trainer:
         folder = phantom_cache_path(self.cache_dir, spec)
         if self.is_main and not (folder / "dataset.json").is_file():
             self._write_phantoms(folder, spec)
-        _barrier()
+        barrier()
         return folder
 
     def _write_phantoms(self, folder: Path, spec: Mapping[str, Any]) -> None:
@@ -482,8 +472,9 @@ class Trainer:
         train_items = [c for c in spec.training if c.get("case_id") not in bad]
         val_items = [c for c in spec.validation if c.get("case_id") not in bad]
         if self.world > 1:  # every rank must drop the same cases
-            box = [[c["case_id"] for c in train_items], [c["case_id"] for c in val_items]]
-            dist.broadcast_object_list(box, src=0)
+            box = broadcast_object(
+                [[c["case_id"] for c in train_items], [c["case_id"] for c in val_items]]
+            )
             train_items = [c for c in spec.training if c["case_id"] in set(box[0])]
             val_items = [c for c in spec.validation if c["case_id"] in set(box[1])]
         if not train_items:
@@ -604,9 +595,7 @@ class Trainer:
             raise ConfigError(str(err)) from err
         run_id = self.tracker.run_id
         if self.world > 1:
-            box = [run_id]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+            run_id = broadcast_object(run_id)
         self.run_id = run_id
         self.checkpoint_dir = self.checkpoint_root / str(run_id)
         if not self.is_main:
@@ -859,7 +848,7 @@ class Trainer:
             return False
         # one tiny all_reduce per logging interval: ranks must stop at the same step
         flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
-        dist.all_reduce(flag)
+        all_reduce(flag)
         return bool(flag.item() > 0)
 
     def _flush(self, it: int) -> None:
@@ -1142,7 +1131,7 @@ class Trainer:
                 }
             )
             self._end_run("FINISHED", result)
-        _barrier()
+        barrier()
         result.wall_s = time.time() - t0 + self.setup_s
         return result
 

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from segmerge.conventions import REGIONS, region_scores, voxel_spacing
+from segmerge.engine.dist import all_reduce as _all_reduce
+from segmerge.engine.dist import rank_world as _rank_world
 from segmerge.inference.lesionwise import lesion_metrics
 
 LESION_MEANS = ("lesion_dice", "lesion_hd95", "lesion_f1")
@@ -70,18 +71,6 @@ class ValidationResult:
         for name, values in self.lesion.items():
             out.update({f"{prefix}/{name}/{k}": v for k, v in values.items() if v == v})
         return out
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _available(batch: Mapping, image: torch.Tensor) -> torch.Tensor | None:
