@@ -246,6 +246,18 @@ def test_state_is_kept_per_objective_set(name):
     assert torch.equal(c(Js[1][:2], names=names[:2]).update, b(Js[1][:2], names=names[:2]).update)
 
 
+@pytest.mark.parametrize(
+    "name,key", [("nashmtl", "prvs_alpha"), ("gradvac", "phi"), ("pcd", "sq_norm_ema")]
+)
+def test_foreign_state_is_rejected_by_name(name, key):
+    agg = build_aggregator(name)
+    agg(torch.randn(3, 8, dtype=torch.float64), names=["a", "b", "c"])
+    state = agg.state_dict()
+    state["weightings"][0]["names"] = ["a", "b"]  # state of three objectives filed under two
+    with pytest.raises(ValueError, match=rf"{key} must have shape \(2,"):
+        build_aggregator(name).load_state_dict(roundtrip(state))
+
+
 def test_gradvac_order_is_seeded_and_leaves_the_global_generator_alone():
     gen = torch.Generator().manual_seed(6)
     J = torch.randn(6, 20, dtype=torch.float64, generator=gen)

@@ -84,6 +84,17 @@ def _floats(value: Sequence[float] | None) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
 
+def _loaded(owner: str, key: str, value: Any, shape: tuple[int, ...], dtype=None) -> Tensor:
+    """A saved state tensor, on the CPU, checked against the shape its objective set implies."""
+    t = torch.as_tensor(value, dtype=dtype).cpu()
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{owner}.load_state_dict: {key} must have shape {shape} (its objective set's), "
+            f"got {tuple(t.shape)}"
+        )
+    return t.clone()
+
+
 class TorchJDAggregator(Aggregator):
     """Base of the bridge: segmerge's Gramian -> a torchjd ``Weighting`` -> ``C = diag(w)``.
 
@@ -213,6 +224,8 @@ class TorchJDAggregator(Aggregator):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (its tensors may be on any device: torchjd's state
+        lives on the CPU)."""
         super().load_state_dict(state)
         if not self.stateful:
             return
@@ -224,7 +237,7 @@ class TorchJDAggregator(Aggregator):
             weightings[names] = weighting
         self._weightings = weightings
         if self.seeded:
-            self._rng_state = torch.as_tensor(state["generator"], dtype=torch.uint8).clone()
+            self._rng_state = torch.as_tensor(state["generator"], dtype=torch.uint8).cpu().clone()
 
 
 # -- the bridged methods: hyper-parameters from torchjd's signatures -------------------------
@@ -422,10 +435,10 @@ class NashMTL(TorchJDAggregator):
 
     def _load_state(self, weighting, K, state) -> None:
         weighting.step = float(state["step"])
-        weighting.prvs_alpha = torch.as_tensor(state["prvs_alpha"]).numpy().copy()
-        weighting.normalization_factor = (
-            torch.as_tensor(state["normalization_factor"]).numpy().copy()
-        )
+        weighting.prvs_alpha = _loaded("NashMTL", "prvs_alpha", state["prvs_alpha"], (K,)).numpy()
+        weighting.normalization_factor = _loaded(
+            "NashMTL", "normalization_factor", state["normalization_factor"], (1,)
+        ).numpy()
         if weighting.step > 0:  # torchjd builds the cvxpy problem on its first call only
             weighting._init_optim_problem()
 
@@ -459,7 +472,7 @@ class GradVac(TorchJDAggregator):
     def _load_state(self, weighting, K, state) -> None:
         if state["phi"] is not None:
             weighting._ensure_state(K, _F64)
-            weighting._phi_t.copy_(torch.as_tensor(state["phi"]))
+            weighting._phi_t.copy_(_loaded("GradVac", "phi", state["phi"], (K, K), _F64))
 
 
 class PCD(TorchJDAggregator):
@@ -491,7 +504,7 @@ class PCD(TorchJDAggregator):
     def _load_state(self, weighting, K, state) -> None:
         if state["sq_norm_ema"] is not None:
             weighting._ensure_state(K)
-            weighting._sq_norm_ema = torch.as_tensor(state["sq_norm_ema"]).clone()
+            weighting._sq_norm_ema = _loaded("PCD", "sq_norm_ema", state["sq_norm_ema"], (K,), _F64)
             weighting._n_steps = torch.tensor(int(state["n_steps"]))
 
 
