@@ -1,4 +1,6 @@
-"""Aggregator state: reset, checkpoint round trip, seeded order, Blending schedule and OGR."""
+"""Aggregator state: reset, checkpoint round trip and non-finite steps for every registered method
+(the state properties of tests/aggregation_properties.py), then the method-specific state: seeded
+order, GradCraft's per-name memory, the Blending schedule and OGR."""
 
 from __future__ import annotations
 
