@@ -12,8 +12,9 @@ What the bridge adds around torchjd, and nothing else:
 
 - **Host side.** torchjd's solvers run on the CPU (quadprog, cvxpy/CLARABEL, cvxpy/ECOS, scipy)
   or branch on tensor values (MGDA, GradVac, PCD). The bridge moves the K×K Gramian to the CPU
-  once per step (one small transfer: the only host-device synchronisation of the step, and only
-  on refresh steps in amortised mode) and returns ``w`` on the Gramian's device. These
+  once per step, in float64 (one small transfer: the aggregator's only host-device
+  synchronisation, and only on refresh steps in amortised mode) and returns ``w`` on the
+  Gramian's device in its dtype. These
   aggregators therefore do not compile with ``torch.compile(fullgraph=True)`` and do not run on
   the meta device; the K-space call is excluded from compilation (one graph break).
 - **Degenerate and non-finite steps.** A non-finite Gramian (NaN/Inf in J) returns zeros without
