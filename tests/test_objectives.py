@@ -245,3 +245,24 @@ def test_early_fusion_outputs_give_depth_rows_only():
     assert nl.names == ["fused.d0", "fused.d1", "fused.d2"]
     # Fused rows average over every sample whatever the mask (the network handles missing inputs).
     torch.testing.assert_close(nl.losses, ObjectiveSet()(outputs, target).losses)
+
+
+def test_subset_rows_of_late_fusion_heads_keep_fused_rows_and_check_depths():
+    outputs = fake_outputs()  # fused.d0-d2 and modality.* at quarter resolution (depth 0 names)
+    target = fake_target()
+    nl = ObjectiveSet(subsets="singles+full", fused=True)(outputs, target)
+    assert nl.names == [
+        "fused.d0", "fused.d1", "fused.d2",
+        *(f"subset.{m}" for m in MODALITIES), "subset.flair+t1+t1ce+t2",
+    ]  # fmt: skip
+    quarter = resize_target(target, (2, 2, 2))
+    full = sum(outputs[f"modality.{m}"] for m in MODALITIES) / 4
+    torch.testing.assert_close(nl.losses[-1], RegionLoss()(full, quarter).mean())
+    # fused=None (auto): the full set's subset row is the fused row at depth 0, not twice
+    assert "fused.d0" not in ObjectiveSet(subsets="all")(outputs, target).names
+    with pytest.raises(ValueError, match="subset_depths asks for depth 1"):
+        ObjectiveSet(subsets="all", subset_depths=[1])(outputs, target)
+    # absent from the batch: subsets of absent modalities only have no row
+    available = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    names = ObjectiveSet(subsets="all", fused=False)(outputs, target, available).names
+    assert len(names) == 8 and all("flair" in n for n in names)
