@@ -386,16 +386,17 @@ def test_tiny_study_end_to_end(tiny_study):
 
 @pytest.mark.slow
 def test_a_run_alone_gives_the_weights_it_gave_beside_another(tiny_study, tmp_path):
-    """Jobs in parallel give the same results as one after another: a run of the parallel study
-    that trained in one go (not resumed) is retrained alone with --jobs 1."""
-    out, args, code, _, _ = tiny_study
-    assert code == 0
-    fresh = [r for r in RUNS if (_run_dir(out, *r) / "train.log").read_text().count("$ ") == 1]
-    assert fresh
-    method, seed = fresh[-1]
+    """Jobs in parallel give the same results as one after another: the run that finished
+    first in the --jobs 2 study (trained beside another run, never resumed) is retrained alone
+    with --jobs 1 (in the same MLflow store, another experiment: no second store to create)."""
+    out, args, code, killed, _ = tiny_study
+    assert code == 0 and killed["done"]
+    method, seed = killed["done"][0]
+    assert (_run_dir(out, method, seed) / "train.log").read_text().count("$ ") == 1
     alone = tmp_path / "alone"
     argv = ["--methods", method, "--seeds", str(seed), "--budget", "tiny", "--jobs", "1"]
     argv += ["--output", str(alone), "--device", "cpu", "--data", str(out / "data" / "phantoms")]
+    argv += ["--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "--experiment", "alone"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(argv) == 0, buf.getvalue()[-3000:]
