@@ -148,9 +148,7 @@ class SharedUp(nn.Module):
             3, in_channels, out_channels, kernel_size=2, stride=2, conv_only=True,
             is_transposed=True,
         )  # fmt: skip
-        self.block = SharedBlock(
-            2 * out_channels, out_channels, 1, modalities, norm, act, dropout
-        )
+        self.block = SharedBlock(2 * out_channels, out_channels, 1, modalities, norm, act, dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, modality: str) -> torch.Tensor:
         """Upsample ``x``, concatenate ``skip`` and convolve with ``modality``'s norms."""
@@ -320,11 +318,27 @@ class SharedModalityUNet(nn.Module):
         if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
             check_input(x, len(self.mod_list), self.divisor, self.mod_list)
         mask = self._mask(x, available)
+        run = [True for _ in self.mod_list]
+        if not self.training and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            # Eval only (not in training, not in an exported graph): a sequence absent from the
+            # whole batch is not run, its logits would be masked out anyway. One host read of
+            # the mask per forward; it saves up to 3/4 of the work on a missing-sequence input.
+            run = mask.any(dim=0).tolist()
+            if not any(run):
+                run[0] = True
         per_mod: list[list[torch.Tensor]] = []
+        done: list[torch.Tensor] = []
         for idx, m in enumerate(self.mod_list):
-            # zeroed where unavailable: a missing channel (even NaN) cannot reach any gradient
-            xm = x[:, idx : idx + 1].masked_fill(~mask[:, idx].view(-1, 1, 1, 1, 1), 0.0)
-            per_mod.append(self._branch(xm, m, n_heads))
+            if run[idx]:
+                # zeroed where unavailable: a missing channel (even NaN) cannot reach a gradient
+                xm = x[:, idx : idx + 1].masked_fill(~mask[:, idx].view(-1, 1, 1, 1, 1), 0.0)
+                per_mod.append(self._branch(xm, m, n_heads))
+                done = per_mod[-1]
+            else:
+                per_mod.append([])
+        for idx in range(len(per_mod)):
+            if not run[idx]:
+                per_mod[idx] = [torch.zeros_like(t) for t in done]
         return mask, per_mod
 
     def forward_heads(

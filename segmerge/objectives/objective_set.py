@@ -449,8 +449,10 @@ class ObjectiveSet:
             masked: dict[str, torch.Tensor] = {}
             for m, z in logits.items():
                 col = cols[m]
-                masked[m] = z if col is None else torch.where(
-                    col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z)
+                masked[m] = (
+                    z
+                    if col is None
+                    else torch.where(col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z))
                 )
             sums: dict[tuple[str, ...], torch.Tensor] = {}
             counts: dict[tuple[str, ...], torch.Tensor | None] = {}
