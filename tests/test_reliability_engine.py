@@ -482,3 +482,22 @@ def test_a_second_ctrl_c_during_validation_ends_cleanly(finished, tmp_path, caps
     assert "second interrupt: stopped at once" in err and "Traceback" not in err
     _, (run,) = _runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_reopened_only_with_continue_run(finished, tmp_path):
+    from segmerge.engine.trainer import Trainer
+
+    _, _, _, root, _ = finished
+    _, (run,) = _runs(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    rid = run.info.run_id
+    trainer = Trainer.__new__(Trainer)  # only the decision, without a training
+    trainer.tracking_uri, trainer.resumed_run_id = f"sqlite:///{root / 'runs' / 'mlflow.db'}", rid
+    for flag, expected in ((False, None), (True, rid)):
+        trainer.continue_run = flag
+        reopen, line = trainer._run_to_continue()
+        assert reopen == expected
+        assert ("is finished; a new run continues" in line) is (not flag)
+    trainer.tracking_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    reopen, line = trainer._run_to_continue()
+    assert reopen is None and f"MLflow run {rid} is not in" in line
