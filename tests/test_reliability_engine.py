@@ -95,6 +95,20 @@ def test_a_stored_configuration_restores_to_the_same_resolved_values():
     assert repr(parser.get_parsed_content("aggregator")) == "GradCraft(r=0.25, e=0.0, b=0.0)"
 
 
+def test_an_old_format_checkpoint_resumes_with_only_the_real_changes():
+    from segmerge.engine.checkpoint import changed_settings
+
+    raw = load_config(parse_argv(["--epochs", "3"])).get()  # format 1 stored the raw config
+    state = {"format": 1, "config": json.dumps(raw)}
+    parser = load_config(parse_argv(["--epochs", "4"]), checkpoint=(state, "x.pt"))
+    parser.get_parsed_content("train_transforms")  # MONAI rewrites '#' in ids to '::' in place
+    now = {
+        k: v for k, v in decode_literal(parser.get()).items() if k not in ("_comment", "imports")
+    }
+    old = {k: v for k, v in raw.items() if k not in ("_comment", "imports")}
+    assert changed_settings(old, now) == {"epochs": (3, 4)}
+
+
 def test_checkpoints_without_config_or_empty_give_a_reason(tmp_path, capsys):
     torch.save({"model": {}, "iteration": 0}, tmp_path / "noconfig.pt")
     (tmp_path / "empty.pt").write_bytes(b"")

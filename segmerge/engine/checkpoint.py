@@ -308,6 +308,14 @@ def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathL
         parser[key] = merge(key, trusted.get(key, _MISSING), value)
 
 
+def _norm(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("::", "#")
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    return value
+
+
 def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{id: (old, new)}`` for every leaf id whose value differs between two configurations."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -316,7 +324,7 @@ def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(f"{cid}#{k}" if cid else k, a.get(k, _MISSING), b.get(k, _MISSING))
-        elif a != b:
+        elif _norm(a) != _norm(b):  # MONAI rewrites "#" and "::" in ids into each other
             out[cid] = (None if a is _MISSING else a, None if b is _MISSING else b)
 
     walk("", dict(old), dict(new))
