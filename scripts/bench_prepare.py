@@ -149,7 +149,7 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
     rng = np.random.default_rng(0)
     train = [_clean_case(args.size, 1000 + i, args.spacing) for i in range(args.train_cases)]
     train = [(_norm(x), _regions(y)) for x, y in train]
-    net = UNet(3, 4, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    net = UNet(3, 4, 3, channels=args.channels, strides=(2,) * (len(args.channels) - 1))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     loss_fn = DiceCELoss(sigmoid=True)
     p = args.patch
@@ -175,7 +175,8 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
         opt.step()
         if step % 50 == 0:
             print(
-                f"step {step} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True
+                f"step {step} loss {float(loss.detach()):.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
             )
     net.eval()
 
@@ -217,6 +218,7 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress visible when redirected
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=160, help="phantom size (160: ~1 mm voxels)")
     ap.add_argument("--spacing", type=float, default=1.0, help="prepare --spacing (mm)")
@@ -235,6 +237,9 @@ def main() -> int:
     ap.add_argument("--train-cases", type=int, default=12)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--patch", type=int, default=48)
+    ap.add_argument(
+        "--channels", type=int, nargs="+", default=[8, 16, 32, 64], help="UNet channels per level"
+    )
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
     args = ap.parse_args()
     if args.threads:
