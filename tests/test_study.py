@@ -469,3 +469,41 @@ def test_rerun_skips_finished_runs_and_reports_a_failing_one(tiny_study, capsys)
     assert "**pcgrad**: no verdict" in text
     assert set(_table_rows(text, "## The field's table")) == {"sum", "mean"}
     assert json.loads((out / "results.json").read_text())["methods"]["pcgrad"]["status"] == "failed"
+
+
+def test_trained_config_is_read_as_data(tmp_path):
+    """The study reads a trained run's network, patch and ET label from its checkpoint as data: a
+    checkpoint holding an expression (which MONAI's ConfigParser would run) is refused, and the
+    marker file that expression would create never appears (issue 16, security 2)."""
+    import json
+
+    from segmerge.engine import atomic_torch_save
+    from segmerge.study.runner import Study
+
+    marker = tmp_path / "pwned"
+    good = {
+        "network_def": {"_target_": "segmerge.nets.MultiModalDSNet", "features": [8, 16, 32]},
+        "patch_size": 32,
+        "dataset": {"et_label": 3},
+        "device": "cpu",
+    }
+    ckdir = tmp_path / "run" / "checkpoints" / "r1"
+    ckdir.mkdir(parents=True)
+    atomic_torch_save(
+        {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(good)}, ckdir / "last.pt"
+    )
+    net, patch, et, device = Study._trained_config(None, tmp_path / "run", "r1")
+    assert (net["_target_"], patch, et, device) == ("segmerge.nets.MultiModalDSNet", 32, 3, "cpu")
+    evil = dict(good, patch_size=f"$open({str(marker)!r}, 'w').write('x') or 32")
+    atomic_torch_save(
+        {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(evil)}, ckdir / "last.pt"
+    )
+    with pytest.raises(ValueError, match="patch_size.*expression"):
+        Study._trained_config(None, tmp_path / "run", "r1")
+    foreign = dict(good, network_def={"_target_": "os.system", "command": "true"})
+    atomic_torch_save(
+        {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(foreign)}, ckdir / "last.pt"
+    )
+    with pytest.raises(ValueError, match="segmerge.nets"):
+        Study._trained_config(None, tmp_path / "run", "r1")
+    assert not marker.exists()

@@ -624,19 +624,41 @@ class Study:
         return record
 
     def _trained_config(self, folder: Path, run_id: str) -> tuple[dict[str, Any], int, int, str]:
-        """Network definition, patch size, ET label and device of the trained run."""
-        from monai.bundle import ConfigParser
+        """Network definition, patch size, ET label and device of the trained run.
 
+        Read as data from the checkpoint's resolved configuration (format 2): nothing in it is
+        evaluated, and a value that is still an expression, or a ``_target_`` outside segmerge's
+        networks, is refused (a checkpoint on disk must never run code).
+        """
         from segmerge.engine import load_checkpoint
+        from segmerge.engine.checkpoint import stored_config
 
         ckpt = folder / "checkpoints" / run_id / "last.pt"
-        parser = ConfigParser()
-        parser.read_config(json.loads(load_checkpoint(ckpt)["config"]))
-        network_def = parser.get("network_def")
-        patch = int(parser.get_parsed_content("patch_size"))
-        et_label = int(parser.get_parsed_content("dataset#et_label"))
-        device = str(parser.get("device", "cpu"))
-        return dict(network_def), patch, et_label, device
+        config = stored_config(load_checkpoint(ckpt), ckpt)
+        dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+        values = {
+            "network_def": config.get("network_def"),
+            "patch_size": config.get("patch_size"),
+            "dataset#et_label": dataset.get("et_label", 4),
+            "device": config.get("device", "cpu"),
+        }
+        for cid, value in values.items():
+            bad = _expression_in(value)
+            if bad is not None:
+                raise ValueError(
+                    f"checkpoint {ckpt}: '{cid}' holds {bad!r}, an expression; the study reads "
+                    "checkpoints as data only (train it again with this version of segmerge)"
+                )
+        network_def = values["network_def"]
+        target = network_def.get("_target_") if isinstance(network_def, dict) else None
+        if not isinstance(target, str) or not target.startswith("segmerge.nets."):
+            raise ValueError(
+                f"checkpoint {ckpt}: 'network_def#_target_' is {target!r}; expected a network "
+                "of segmerge.nets"
+            )
+        patch = values["patch_size"]
+        patch = patch[0] if isinstance(patch, list) and patch else patch
+        return dict(network_def), int(patch), int(values["dataset#et_label"]), str(values["device"])
 
     def _evaluate(
         self, method: str, seed: int, run_id: str, device: str | None
@@ -943,3 +965,20 @@ class Study:
             f"run {self.parent_run_id})"
         )
         return runs
+
+
+def _expression_in(value: Any) -> str | None:
+    """The first string in ``value`` that MONAI's ConfigParser would evaluate, else ``None``."""
+    from segmerge.overrides import interpretable
+
+    if isinstance(value, dict):
+        items: Sequence[Any] = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return value if interpretable(value) else None
+    for item in items:
+        found = _expression_in(item)
+        if found is not None:
+            return found
+    return None
