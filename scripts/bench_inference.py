@@ -135,7 +135,10 @@ def per_window(
     Isolates the network from reading, blending and writing; CPU time (``time.process_time``) of
     this process, so other jobs on the machine matter less than for wall time.
     """
-    lines = ["| network | backend | ms / window, batch 1 | ms / window, batch 8 |", "|---|---|---:|---:|"]
+    lines = [
+        "| network | backend | ms / window, batch 1 | ms / window, batch 8 |",
+        "|---|---|---:|---:|",
+    ]
     for backend in backends:
         for name, net in nets:
             net.eval()
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append((name, backend, n_params(net), seconds))
                 print(
-                    f"{name} [{backend}]: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+                    f"{name} [{backend}]: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
                     flush=True,
                 )
 

@@ -114,7 +114,6 @@ def metric_keys(metrics: str = "all") -> list[str]:
     return keys
 
 
-
 def region_metrics(
     pred_labels: np.ndarray, gt_labels: np.ndarray, spacing: Sequence[float], et_label: int = 4
 ) -> dict[str, float]:

@@ -26,7 +26,13 @@ from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "AvailabilityWrapper", "OnnxRuntimeNetwork", "export_onnx"]
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "AvailabilityWrapper",
+    "OnnxRuntimeNetwork",
+    "export_onnx",
+]
 
 INPUT_NAMES = ("image", "available")
 OUTPUT_NAMES = ("pred",)
@@ -144,5 +150,7 @@ class OnnxRuntimeNetwork:
             feeds["available"] = np.ascontiguousarray(available.detach().cpu().numpy().astype(bool))
         (out,) = self.session.run(list(OUTPUT_NAMES), feeds)
         if out.shape[1] != len(REGIONS):
-            raise ValueError(f"ONNX model returned {out.shape[1]} channels, expected {len(REGIONS)}")
+            raise ValueError(
+                f"ONNX model returned {out.shape[1]} channels, expected {len(REGIONS)}"
+            )
         return torch.from_numpy(out)
