@@ -137,3 +137,28 @@ def test_invalid_dataset_fails_before_training(tmp_path, capsys):
     assert code == 2
     assert "BraTS2021_00001" in err
     assert not (tmp_path / "runs" / "checkpoints").exists()
+
+
+def test_resection_cavity_scheme_reaches_the_training_transforms():
+    """`--resection-cavity` (BraTS 2024+: ET 3, label 4 = resection cavity in no region) is a train
+    flag that the training and validation transforms receive; without it label 4 is refused when
+    ET is 3."""
+    import numpy as np
+    import torch
+
+    from segmerge.data.transforms import CheckLabeld
+
+    label = torch.as_tensor(np.array([[[0, 1, 2, 3, 4]]], dtype=np.uint8))
+    p = _load("--dataset#et_label", "3", "--resection-cavity")
+    assert p["dataset"]["resection_cavity"] is True
+    for key in ("train_transforms", "val_transforms"):
+        assert p.get_parsed_content(f"{key}#resection_cavity") is True
+        check = next(t for t in p.get_parsed_content(key).transforms if isinstance(t, CheckLabeld))
+        assert check({"label": label})["label"] is not None
+    plain = _load("--dataset#et_label", "3")
+    check = next(
+        t for t in plain.get_parsed_content("train_transforms").transforms
+        if isinstance(t, CheckLabeld)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="resection_cavity"):
+        check({"label": label})

@@ -66,6 +66,7 @@ NAMED_OPTIONS: dict[str, str | None] = {
     "seed": "seed",
     "skip_invalid": "dataset#skip_invalid",
     "allow_missing": "dataset#allow_missing",
+    "resection_cavity": "dataset#resection_cavity",
     "continue_run": None,
     "config": None,
     "bundle_root": "bundle_root",
@@ -73,7 +74,15 @@ NAMED_OPTIONS: dict[str, str | None] = {
 }
 """Named command-line options (dashes or underscores) and the config id each one sets."""
 
-FLAGS: tuple[str, ...] = ("amp", "skip_invalid", "allow_missing", "continue_run", "help", "expr")
+FLAGS: tuple[str, ...] = (
+    "amp",
+    "skip_invalid",
+    "allow_missing",
+    "resection_cavity",
+    "continue_run",
+    "help",
+    "expr",
+)
 """Options that take no value (their presence means ``True``)."""
 
 _HELP = {
@@ -96,6 +105,7 @@ _HELP = {
     "seed": "random seed",
     "skip_invalid": "skip invalid cases instead of stopping (they are named)",
     "allow_missing": "accept cases with absent sequence files (trained with those missing)",
+    "resection_cavity": "BraTS 2024+ labels: 4 is the resection cavity (in no region; with --dataset#et_label 3)",
     "continue_run": "with --resume: reopen the checkpoint's MLflow run even if it is finished",
     "config": "extra JSON/YAML config file(s) merged over the defaults",
     "bundle_root": "bundle folder (models/model.pt is written there)",

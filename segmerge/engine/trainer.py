@@ -434,12 +434,7 @@ class Trainer:
         cached_phantoms(folder, spec, progress=self.progress)  # shared with compare
 
     def _build_data(self) -> None:
-        from segmerge.data import load_dataset
-
-        try:
-            from segmerge.data import validate_dataset
-        except ImportError:  # older segmerge.data without the re-export
-            from segmerge.data.validate import validate_dataset
+        from segmerge.data import load_dataset, validate_dataset
 
         g = self.parser.get_parsed_content
         ds = g("dataset")
@@ -450,7 +445,12 @@ class Trainer:
             )
         except ValueError as err:
             raise ConfigError(f"dataset {path}: {err}") from err
-        problems = validate_dataset(spec, int(ds["et_label"])) if self.is_main else []
+        cavity = bool(ds.get("resection_cavity", False))
+        problems = (
+            validate_dataset(spec, int(ds["et_label"]), resection_cavity=cavity)
+            if self.is_main
+            else []
+        )
         bad = {getattr(pr, "case", None) for pr in problems}
         if problems and not ds.get("skip_invalid"):
             listing = "\n  ".join(str(pr) for pr in problems[:20])
