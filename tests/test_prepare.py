@@ -281,7 +281,8 @@ def test_predict_prepare_writes_both_geometries(prepared, tmp_path, capsys):
     out = tmp_path / "pred"
     argv = ["--prepare", "--input", str(raw), "--output", str(out), "--model",
             str(tmp_path / "model.pt"), "--device", "cpu", "--prepare-args",
-            "--spacing 3 --no-n4"]  # fmt: skip
+            "--spacing 3 --no-n4", "--set", "roi_size=[64,64,64]",
+            "--set", "overlap=0.0"]  # fmt: skip  (one window: the geometry is under test)
     assert predict_main(argv) == 0, capsys.readouterr()
     ref = nib.load(raw / "nifti_case" / "T1_GD.nii.gz")
     back = nib.load(out / "nifti_case.nii.gz")
