@@ -1,9 +1,14 @@
 """Benchmark the aggregated training step against the plain summed-loss step.
 
-Run (CPU, 2 threads, the default ``MultiModalDSNet`` - K = 3 fused depths + 4 modality heads)::
+Run (CPU, 2 threads)::
 
+    # the late-fusion MultiModalDSNet: K = 3 fused depths + 4 modality heads
     .venv/bin/python scripts/bench_step.py                      # 32^3, batch 2, table to stdout
     .venv/bin/python scripts/bench_step.py --size 48 --md docs/bench_step.md
+    # the shared-weight SharedModalityUNet with subset objectives (GMD's setting): K = 15
+    # (every modality subset at depth 0) or K = 45 (at depths 0, 1, 2)
+    .venv/bin/python scripts/bench_step.py --network shared --subset-depths 0
+    .venv/bin/python scripts/bench_step.py --network shared --subset-depths 0 1 2
 
 Timing: one process builds every variant (same initial weights, same batch, ``Adam(fused=True)``
 everywhere) and runs interleaved rounds, one step of each variant per round in rotating order,
@@ -27,9 +32,17 @@ Variants:
     gmd_batched    TrainStep(GMD, strategy="batched"): one vmapped backward (is_grads_batched)
     gmd_amortised  the cheap step of TrainStep(GMD, refresh_every=N): one backward of
                    sum_k c_k L_k with the last coefficients, masked merge, optimizer step
+                   (the same code for both Jacobian modes)
+    gmd_outputs    TrainStep(GMD, jacobian="outputs"): gradients at the modality heads (loop
+                   over objectives through the losses only), Gramian, one backward of
+                   sum_k c_k L_k through the network, masked merge per tensor
+    gmd_outputs_batched  the same with the output Jacobian as one vmapped backward
     torchjd_pcgrad torchjd.autojac.backward + jac_to_grad(PCGrad()) + optimizer step
-    seed_gmd       the seed-style recipe: one retained backward() per objective, flatten .grad
-                   into D-vectors, GMD as Python loops over D-vectors, masked merge, step
+    seed_gmd       the published recipe (as in HaoWang420/Gradient-guided-Modality-Decoupling,
+                   optim/gmd.py): one retained backward() per objective into .grad, clone and
+                   flatten the gradients into D-vectors (zeros where None, reach = not None),
+                   the projection as Python loops over D-vectors with a host-side sign test
+                   per pair, masked merge (mean on shared, sum elsewhere), unflatten, step
 """
 
 from __future__ import annotations
@@ -54,27 +67,36 @@ VARIANTS = (
     "gmd_loop_plain",
     "gmd_batched",
     "gmd_amortised",
+    "gmd_outputs",
+    "gmd_outputs_batched",
     "torchjd_pcgrad",
     "seed_gmd",
 )
+NETWORKS = ("late", "shared")
 
 
 def _seed_gmd_step(net, opt, objectives, x, t):
-    """The seed-style recipe (slow reference): K retained backward() calls, D-vector loops."""
+    """The published recipe (slow reference): K retained backward() calls, D-vector loops."""
     import torch
 
-    outputs = net(x)
-    names = list(objectives(outputs, t).names)  # row names / order from the objective set
-    rows = [objectives({n: outputs[n]}, t).losses[0] for n in names]  # K separate scalars
+    from segmerge.step import objective_roots
+
+    # K separate scalars: the stack's input edges (a backward of losses[k] would run every
+    # row's branch with zero cotangents, which the recipe, given separate scalars, does not)
+    rows = objective_roots(objectives(net(x), t).losses)
     params = [p for p in net.parameters() if p.requires_grad]
+    one = torch.ones((), device=x.device)
     grads, reached = [], []
-    for k, loss in enumerate(rows):
+    for k, edge in enumerate(rows):
         opt.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=k < len(rows) - 1)
+        torch.autograd.backward(edge, grad_tensors=one, retain_graph=k < len(rows) - 1)
         reached.append([p.grad is not None for p in params])
         grads.append(
-            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        )
+            torch.cat(
+                [(p.grad.clone() if p.grad is not None else torch.zeros_like(p)).flatten()
+                 for p in params]
+            )
+        )  # fmt: skip
     proj = [g.clone() for g in grads]
     for i in range(len(proj)):
         for j in range(len(grads)):
@@ -98,6 +120,25 @@ def _seed_gmd_step(net, opt, objectives, x, t):
     opt.step()
 
 
+def _heads(outputs: dict) -> dict:
+    """The network's own output tensors for jacobian="outputs": every head that is not derived
+    from others (the shared U-Net's fused.d* are means of its modality heads)."""
+    if _SETUP["network"] == "shared":
+        return {n: o for n, o in outputs.items() if n.startswith("modality.")}
+    return outputs  # late fusion: every head is computed from features, none from another
+
+
+_SETUP: dict = {"network": "late", "subset_depths": (0,)}
+
+
+def _objectives():
+    from segmerge.objectives import ObjectiveSet
+
+    if _SETUP["network"] == "late":
+        return ObjectiveSet()
+    return ObjectiveSet(subsets="all", subset_depths=_SETUP["subset_depths"], fused=False)
+
+
 def _build(variant: str, net0, x, t, device):
     """Model copy, optimizer and a one-step callable for ``variant``."""
     import copy
@@ -105,14 +146,13 @@ def _build(variant: str, net0, x, t, device):
     import torch
 
     from segmerge.aggregation import build_aggregator
-    from segmerge.objectives import ObjectiveSet
     from segmerge.step import TrainStep
 
     net = copy.deepcopy(net0).to(device).train()
     # fused Adam for every variant: the recommended setting (TrainStep skips non-finite steps
     # through its found_inf input at no cost; other optimizers pay a snapshot/restore copy).
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-    objectives = ObjectiveSet()
+    objectives = _objectives()
     params = [p for p in net.parameters() if p.requires_grad]
     info: dict = {}
     if variant == "sum":
@@ -145,15 +185,18 @@ def _build(variant: str, net0, x, t, device):
             net,
             opt,
             build_aggregator("gmd"),
-            strategy="batched" if variant == "gmd_batched" else "loop",
+            strategy="batched" if variant.endswith("batched") else "loop",
             # the cheap step of amortised mode: after the warm-up refresh, never refresh again
             refresh_every=10**9 if variant == "gmd_amortised" else 1,
             fuse_disjoint=variant != "gmd_loop_plain",
+            jacobian="outputs" if variant.startswith("gmd_outputs") else "parameters",
         )
 
         def step() -> None:
-            report = ts.step(objectives(net(x), t))
+            outputs = net(x)
+            report = ts.step(objectives(outputs, t), outputs=_heads(outputs))
             info["backward_passes"] = report.backward_passes
+            info["K"] = len(report.names)
 
     return step, info
 
@@ -161,12 +204,12 @@ def _build(variant: str, net0, x, t, device):
 def _setup(size: int, batch: int, threads: int):
     import torch
 
-    from segmerge.nets import MultiModalDSNet
+    from segmerge.nets import MultiModalDSNet, SharedModalityUNet
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net0 = MultiModalDSNet()
+    net0 = MultiModalDSNet() if _SETUP["network"] == "late" else SharedModalityUNet()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, size, size, size, generator=g).to(device)
     t = (torch.rand(batch, 3, size, size, size, generator=g) > 0.8).float().to(device)
@@ -271,9 +314,17 @@ def _peak_rss_kib() -> int:
 
 def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
     base = res["sum"]
+    k = next((r["K"] for r in res.values() if "K" in r), "?")
+    if args.network == "late":
+        net = f"MultiModalDSNet defaults (K = {k}: fused.d0-d2 + 4 modality heads"
+    else:
+        depths = ", ".join(str(d) for d in args.subset_depths)
+        net = (
+            f"SharedModalityUNet defaults (K = {k}: ObjectiveSet(subsets='all', "
+            f"subset_depths=[{depths}], fused=False)"
+        )
     lines = [
-        f"MultiModalDSNet defaults (K = 7: fused.d0-d2 + 4 modality heads, "
-        f"{args.n_params / 1e6:.2f} M parameters), input {args.batch}x4x{args.size}^3, "
+        f"{net}, {args.n_params / 1e6:.2f} M parameters), input {args.batch}x4x{args.size}^3, "
         f"{args.threads} threads, device {base['device']}, torch {args.torch_version}; "
         f"{args.rounds} interleaved rounds after a warm-up round.",
         "",
@@ -292,24 +343,28 @@ def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
         mem = r.get("peak_mib")
         row(v, r["cpu_min"], r["wall_min"], r["wall_med"], r.get("backward_passes", "-"),
             "-" if mem is None else f"{mem:.0f}")  # fmt: skip
-    derived = {}
-    if "gmd_amortised" in res and "gmd_loop" in res:
+    derived: dict[tuple[str, int], tuple[float, float]] = {}
+    refreshes = [v for v in ("gmd_loop", "gmd_batched", "gmd_outputs", "gmd_outputs_batched")
+                 if v in res]  # fmt: skip
+    if "gmd_amortised" in res and refreshes:
         lines += [
             "",
-            "Amortised mode, refresh_every=N: one exact refresh (gmd_loop) and N-1 cheap steps "
+            "Amortised mode, refresh_every=N: one refresh step and N-1 cheap steps "
             "(gmd_amortised: one backward of sum_k c_k L_k + masked merge) per cycle, "
-            "cost per step = (T_exact + (N-1) T_cheap) / N:",
+            "cost per step = (T_refresh + (N-1) T_cheap) / N (peak memory = the refresh's):",
             "",
         ]
-        ex, ch = res["gmd_loop"], res["gmd_amortised"]
-        for n in (4, 8):
-            cpu = (ex["cpu_min"] + (n - 1) * ch["cpu_min"]) / n
-            wall = (ex["wall_min"] + (n - 1) * ch["wall_min"]) / n
-            derived[n] = (cpu / base["cpu_min"], wall / base["wall_min"])
-            lines.append(
-                f"- N = {n}: {cpu:.2f} CPU s/step, ratio {derived[n][0]:.2f} "
-                f"(wall {derived[n][1]:.2f}); peak memory = that of gmd_loop"
-            )
+        ch = res["gmd_amortised"]
+        for refresh in refreshes:
+            ex = res[refresh]
+            for n in (4, 8):
+                cpu = (ex["cpu_min"] + (n - 1) * ch["cpu_min"]) / n
+                wall = (ex["wall_min"] + (n - 1) * ch["wall_min"]) / n
+                derived[refresh, n] = (cpu / base["cpu_min"], wall / base["wall_min"])
+                lines.append(
+                    f"- refresh {refresh}, N = {n}: {cpu:.2f} CPU s/step, ratio "
+                    f"{derived[refresh, n][0]:.2f} (wall {derived[refresh, n][1]:.2f})"
+                )
     lines += ["", "Goals (ratios of CPU-time minima; wall-clock minima in brackets):"]
 
     def goal(label, num, den, limit):
@@ -318,16 +373,22 @@ def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
             wall = res[num]["wall_min"] / res[den]["wall_min"]
             lines.append(f"- {label}: {cpu:.2f} ({wall:.2f}) -> {'met' if cpu <= limit else 'NOT met'}")
 
-    goal("exact GMD, loop / seed recipe <= 1.1", "gmd_loop", "seed_gmd", 1.1)
-    goal("exact GMD, batched / seed recipe <= 1.1", "gmd_batched", "seed_gmd", 1.1)
-    goal("exact GMD, loop / torchjd PCGrad < 1", "gmd_loop", "torchjd_pcgrad", 1.0)
-    goal("exact GMD, batched / torchjd PCGrad < 1", "gmd_batched", "torchjd_pcgrad", 1.0)
-    if 8 in derived:
-        cpu, wall = derived[8]
-        lines.append(
-            f"- amortised N = 8 / summed step <= 1.35: {cpu:.2f} ({wall:.2f}) -> "
-            f"{'met' if cpu <= 1.35 else 'NOT met'}"
-        )
+    if args.network == "late":
+        goal("exact GMD, loop / seed recipe <= 1.1", "gmd_loop", "seed_gmd", 1.1)
+        goal("exact GMD, batched / seed recipe <= 1.1", "gmd_batched", "seed_gmd", 1.1)
+        goal("exact GMD, loop / torchjd PCGrad < 1", "gmd_loop", "torchjd_pcgrad", 1.0)
+        goal("exact GMD, batched / torchjd PCGrad < 1", "gmd_batched", "torchjd_pcgrad", 1.0)
+        if ("gmd_loop", 8) in derived:
+            cpu, wall = derived["gmd_loop", 8]
+            lines.append(
+                f"- amortised N = 8 / summed step <= 1.35: {cpu:.2f} ({wall:.2f}) -> "
+                f"{'met' if cpu <= 1.35 else 'NOT met'}"
+            )
+    else:
+        goal("exact GMD, loop / published recipe <= 1", "gmd_loop", "seed_gmd", 1.0)
+        goal("exact GMD, batched / published recipe <= 1", "gmd_batched", "seed_gmd", 1.0)
+        goal("jacobian='outputs' / summed step <= 1.3", "gmd_outputs", "sum", 1.3)
+        goal("jacobian='outputs' (batched) / summed step <= 1.3", "gmd_outputs_batched", "sum", 1.3)
     return "\n".join(lines)
 
 
@@ -337,11 +398,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: every variant that applies to the network")
+    parser.add_argument("--network", default="late", choices=NETWORKS,
+                        help="late: MultiModalDSNet; shared: SharedModalityUNet + subset rows")
+    parser.add_argument("--subset-depths", nargs="+", type=int, default=[0],
+                        help="shared network: depths with subset rows (0 -> K=15, 0 1 2 -> 45)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--md", help="also write the table to this markdown file")
     parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    _SETUP["network"], _SETUP["subset_depths"] = args.network, tuple(args.subset_depths)
+    if args.variants is None:
+        skip = {"gmd_outputs", "gmd_outputs_batched"} if args.network == "late" else {
+            "gmd_loop_plain", "torchjd_pcgrad"}  # fmt: skip
+        args.variants = [v for v in VARIANTS if v not in skip]
     if args.memory_worker:
         mib = peak_memory(args.memory_worker, args.size, args.batch, args.threads)
         print("RESULT " + json.dumps({"peak_mib": mib}), flush=True)
@@ -361,7 +432,9 @@ def main() -> None:
             if v == "gmd_amortised":
                 continue  # its peak is its refresh step's: gmd_loop
             cmd = [sys.executable, __file__, "--memory-worker", v, "--size", str(args.size),
-                   "--batch", str(args.batch), "--threads", str(args.threads)]  # fmt: skip
+                   "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--network", args.network, "--subset-depths",
+                   *[str(d) for d in args.subset_depths]]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
