@@ -195,7 +195,8 @@ def model_check(args: argparse.Namespace, work: Path) -> dict:
         clean = _dice(predict(cx)[0], _regions(cy)[0] > 0)
         make_raw_case(raw / f"m{i}", size=args.size, seed=seed, scale=args.scale)
         rows.append({"case": f"m{i}", "clean": clean})
-    prepare_dataset(raw, out, PrepareOptions(spacing=args.spacing), workers=args.workers)
+    opts = PrepareOptions(spacing=args.spacing, n4=not args.no_n4)
+    prepare_dataset(raw, out, opts, workers=args.workers)
     for r in rows:
         case = out / r["case"]
         x = np.stack(
