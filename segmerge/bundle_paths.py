@@ -23,13 +23,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CONFIGS_ENV", "CHECKOUT", "MODEL_FILE", "bundle_root", "config_dir", "config_file"]
+__all__ = [
+    "CONFIGS_ENV",
+    "CHECKOUT",
+    "MODEL_FILE",
+    "NETWORK_RECORD",
+    "bundle_root",
+    "config_dir",
+    "config_file",
+    "read_network_record",
+]
 
 CONFIGS_ENV = "SEGMERGE_CONFIGS"
 CHECKOUT = Path(__file__).resolve().parents[1]
 """The folder holding the package; the bundle root when running from a checkout."""
 MODEL_FILE = Path("models") / "model.pt"
 """The published weights, relative to the bundle root."""
+NETWORK_RECORD = "network.json"
+"""Written by ``train`` beside every ``model.pt``: the resolved ``network_def`` those weights fit
+(plain JSON), so that ``predict`` and the bundle rebuild the network that was trained."""
 
 
 def config_dir(needs: str = "train.json") -> Path:
@@ -78,3 +90,33 @@ def bundle_root(config: str | os.PathLike | None = None, needs: str = "inference
     if (here / MODEL_FILE).is_file() or (here / "configs" / needs).is_file():
         return here
     return config_dir(needs).resolve().parent
+
+
+def read_network_record(model_path: str | os.PathLike) -> dict | None:
+    """The ``network_def`` recorded beside ``model_path`` (:data:`NETWORK_RECORD`), or ``None``.
+
+    The record is data: it is refused when it holds anything MONAI's ``ConfigParser`` would
+    evaluate (``$``/``@``/``%``) or a ``_target_`` outside ``segmerge.nets``, so loading weights
+    never runs code from disk.
+
+    Raises:
+        ValueError: naming the file and the rule it breaks.
+    """
+    import json
+
+    from segmerge.overrides import find_expression
+
+    path = Path(model_path).with_name(NETWORK_RECORD)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable network record ({err})") from err
+    target = record.get("_target_") if isinstance(record, dict) else None
+    if not isinstance(target, str) or not target.startswith("segmerge.nets."):
+        raise ValueError(f"{path}: '_target_' is {target!r}; a network of segmerge.nets expected")
+    bad = find_expression(record)
+    if bad is not None:
+        raise ValueError(f"{path}: holds {bad!r}, an expression; a network record is data only")
+    return record

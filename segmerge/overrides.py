@@ -32,6 +32,7 @@ __all__ = [
     "EXPRESSION_HELP",
     "RULE_HELP",
     "decode_literal",
+    "find_expression",
     "for_argparse",
     "interpretable",
     "literal",
@@ -67,6 +68,22 @@ def interpretable(text: Any) -> bool:
     """Whether ``ConfigParser`` would read the string as other than itself (``$``, ``@``, ``%``
     prefix, or ``::`` which it rewrites to ``#``)."""
     return isinstance(text, str) and (text.startswith(_PREFIXES) or "::" in text)
+
+
+def find_expression(value: Any) -> str | None:
+    """The first string in ``value`` (nested dicts and lists) that ``ConfigParser`` would evaluate
+    or rewrite (:func:`interpretable`), else ``None``: data read back from disk must have none."""
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return value if interpretable(value) else None
+    for item in items:
+        found = find_expression(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _encode(text: str) -> str:

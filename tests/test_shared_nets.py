@@ -419,13 +419,14 @@ def test_train_shared_subsets_gmd_validates_logs_diagnostics_and_predicts(tmp_pa
     )
     assert len(numbers["names"]) == 16 and "subset.flair+t1ce" in numbers["names"]
     assert len(numbers["cosine"]) == 16 and numbers["cosine"][0][0] == pytest.approx(1.0)
-    # the bundle's weights serve predict with the shared network_def
+    # the bundle's weights serve predict as they are: train recorded the network beside them
+    record = json.loads((root / "models" / "network.json").read_text())
+    assert record["_target_"] == "segmerge.nets.SharedModalityUNet"
+    assert record["features"] == [4, 8, 16] and record["deep_supervision"] == 2
+    assert (root / "models" / rid / "network.json").read_text() == json.dumps(
+        record, indent=1
+    ) + "\n"
     (data,) = (tmp_path / "c").glob("phantoms-*")
-    spec = {
-        "_target_": "segmerge.nets.SharedModalityUNet",
-        "features": [4, 8, 16],
-        "deep_supervision": 2,
-    }
     out = tmp_path / "pred"
     args = [
         "--input",
@@ -435,5 +436,45 @@ def test_train_shared_subsets_gmd_validates_logs_diagnostics_and_predicts(tmp_pa
         "--model",
         str(root / "models" / "model.pt"),
     ]
-    assert predict_main([*args, "--device", "cpu", "--set", f"network_def={json.dumps(spec)}"]) == 0
+    assert predict_main([*args, "--device", "cpu"]) == 0
     assert len(list(out.glob("*.nii.gz"))) == 4
+    # the bundle command too (inference.json's network id reads the record)
+    import subprocess
+    import sys
+
+    bundle = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         str(Path(__file__).resolve().parents[1] / "configs" / "inference.json"),
+         "--bundle_root", str(root), "--dataset_dir", str(data),
+         "--output_dir", str(tmp_path / "bundle-pred"), "--device", "$torch.device('cpu')"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bundle.returncode == 0, bundle.stderr[-2000:]
+    assert len(list((tmp_path / "bundle-pred").glob("*.nii.gz"))) == 4
+
+
+def test_network_record_is_data(tmp_path):
+    """The network record beside the weights is read as data: an expression or a foreign
+    ``_target_`` is refused by name; without a record the config's network is used."""
+    import json
+
+    from segmerge.bundle_paths import read_network_record
+    from segmerge.inference.bundle import trained_network
+
+    model = tmp_path / "model.pt"
+    fallback = object()
+    assert trained_network(model, fallback) is fallback
+    record = tmp_path / "network.json"
+    record.write_text(
+        json.dumps({"_target_": "segmerge.nets.SharedModalityUNet", "features": [4, 8, 16], "deep_supervision": 2})
+    )
+    assert type(trained_network(model, fallback)).__name__ == "SharedModalityUNet"
+    marker = tmp_path / "pwned"
+    record.write_text(json.dumps({"_target_": "segmerge.nets.SharedModalityUNet",
+                                  "features": f"$open({str(marker)!r}, 'w') or [4, 8]"}))  # fmt: skip
+    with pytest.raises(ValueError, match="network.json.*expression"):
+        read_network_record(model)
+    record.write_text(json.dumps({"_target_": "os.system", "command": "true"}))
+    with pytest.raises(ValueError, match="segmerge.nets"):
+        trained_network(model, fallback)
+    assert not marker.exists()

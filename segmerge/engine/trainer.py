@@ -35,6 +35,8 @@ import torch.distributed as dist
 from monai.bundle import ConfigParser
 
 from segmerge.aggregation import ObservesValidation
+from segmerge.atomic import write_text_atomic
+from segmerge.bundle_paths import NETWORK_RECORD
 from segmerge.conventions import REGIONS
 from segmerge.data import cached_phantoms, phantom_cache_dir
 from segmerge.engine.checkpoint import (
@@ -1122,6 +1124,10 @@ class Trainer:
                 cpu_weights, models / str(self.run_id) / "model.pt"
             )
             result.model_path = atomic_torch_save(cpu_weights, models / "model.pt")
+            # the network these weights fit, as data, so predict and the bundle rebuild it
+            network = json.dumps(self.resolved["network_def"], indent=1) + "\n"
+            write_text_atomic(result.run_model_path.with_name(NETWORK_RECORD), network)
+            write_text_atomic(result.model_path.with_name(NETWORK_RECORD), network)
             self._log_artifacts(result.run_model_path)
             self.tracker.set_tags(
                 {

@@ -12,11 +12,17 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.data import Dataset
 
-from segmerge.bundle_paths import bundle_root, config_file
+from segmerge.bundle_paths import bundle_root, config_file, read_network_record
 from segmerge.inference.cases import discover_cases
 from segmerge.inference.predictor import BratsPredictor
 
-__all__ = ["BundleCases", "default_config", "load_bundle_config", "build_predictor"]
+__all__ = [
+    "BundleCases",
+    "default_config",
+    "load_bundle_config",
+    "build_predictor",
+    "trained_network",
+]
 
 
 class BundleCases(Dataset):
@@ -54,6 +60,25 @@ class BundleCases(Dataset):
         del value
 
 
+def trained_network(model_path: str | Path, network_def: Any) -> Any:
+    """The network the weights at ``model_path`` were trained with.
+
+    ``train`` writes the resolved ``network_def`` beside every ``model.pt``
+    (:data:`segmerge.bundle_paths.NETWORK_RECORD`); when that record is there the network is built
+    from it (read as data, :func:`segmerge.bundle_paths.read_network_record`), so a bundle trained
+    with ``--network shared`` or other widths predicts without restating them. Otherwise the
+    config's own ``network_def`` is used. The bundle's ``network`` id calls this.
+
+    Args:
+        model_path: the weights to be loaded.
+        network_def: the config's instantiated ``network_def`` (the fallback).
+    """
+    record = read_network_record(model_path)
+    if record is None:
+        return network_def
+    return ConfigParser({"network": record}).get_parsed_content("network")
+
+
 def default_config() -> Path:
     """``inference.json`` of ``$SEGMERGE_CONFIGS``, ``./configs`` or the checkout's ``configs/``
     (:func:`segmerge.bundle_paths.config_dir`); its folder's parent is the bundle root."""
@@ -86,6 +111,9 @@ def load_bundle_config(
     parser["bundle_root"] = str(bundle_root(config_file if explicit else None, "inference.json"))
     for key, value in (overrides or {}).items():
         parser[key] = value
+    if any(key == "network_def" or key.startswith("network_def#") for key in overrides or {}):
+        # a network stated explicitly wins over the record written beside the weights
+        parser["network"] = "$@network_def.to(@device)"
     return parser
 
 

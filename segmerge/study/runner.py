@@ -632,6 +632,7 @@ class Study:
         """
         from segmerge.engine import load_checkpoint
         from segmerge.engine.checkpoint import stored_config
+        from segmerge.overrides import find_expression
 
         ckpt = folder / "checkpoints" / run_id / "last.pt"
         config = stored_config(load_checkpoint(ckpt), ckpt)
@@ -643,7 +644,7 @@ class Study:
             "device": config.get("device", "cpu"),
         }
         for cid, value in values.items():
-            bad = _expression_in(value)
+            bad = find_expression(value)
             if bad is not None:
                 raise ValueError(
                     f"checkpoint {ckpt}: '{cid}' holds {bad!r}, an expression; the study reads "
@@ -965,20 +966,3 @@ class Study:
             f"run {self.parent_run_id})"
         )
         return runs
-
-
-def _expression_in(value: Any) -> str | None:
-    """The first string in ``value`` that MONAI's ConfigParser would evaluate, else ``None``."""
-    from segmerge.overrides import interpretable
-
-    if isinstance(value, dict):
-        items: Sequence[Any] = list(value.values())
-    elif isinstance(value, list):
-        items = value
-    else:
-        return value if interpretable(value) else None
-    for item in items:
-        found = _expression_in(item)
-        if found is not None:
-            return found
-    return None
