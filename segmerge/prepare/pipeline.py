@@ -2,9 +2,9 @@
 
 Per case (each stage timed): **read** (files / checked DICOM series), **register** every
 sequence rigidly to the reference (multi-resolution Mattes MI), **resample** onto an isotropic
-grid covering the reference's field of view, **N4** bias correction, **skull strip** (MNI152
-template registered affinely, its brain mask warped), **write** the brain-cropped BraTS 2021
-files, every transform (``.tfm``), the QC JSON and montage. The prepared grid lives in the
+grid covering the reference's field of view, **skull strip** (MNI152 template registered
+affinely, its brain mask warped), **N4** bias correction fitted inside that brain mask,
+**write** the brain-cropped BraTS 2021 files, every transform (``.tfm``), the QC JSON and montage. The prepared grid lives in the
 reference's physical space, so a prediction maps back to the reference's own grid by
 resampling alone (:func:`segmerge.prepare.restore.to_original`).
 
@@ -262,12 +262,6 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
     del images
     seconds["resample"] = time.perf_counter() - t
 
-    # ---- N4 ------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if opts.n4:
-        on_grid = {k: n4_correct(img)[0] for k, img in on_grid.items()}
-    seconds["n4"] = time.perf_counter() - t
-
     # ---- skull strip -------------------------------------------------------------------------
     t = time.perf_counter()
     mask = None
@@ -288,6 +282,13 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
                 "--no-skull-strip for already skull-stripped or partial-coverage scans"
             )
     seconds["skull_strip"] = time.perf_counter() - t
+
+    # ---- N4 ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    if opts.n4:
+        # Fitted inside the brain once it is known, so scalp and skull do not pull the field.
+        on_grid = {k: n4_correct(img, mask=mask)[0] for k, img in on_grid.items()}
+    seconds["n4"] = time.perf_counter() - t
 
     # ---- crop + write ----------------------------------------------------------------------
     t = time.perf_counter()

@@ -240,22 +240,26 @@ def resample(
 
 
 def n4_correct(
-    image: sitk.Image, shrink: int = 4, iterations: tuple[int, ...] = (50, 50, 30)
+    image: sitk.Image,
+    shrink: int = 4,
+    iterations: tuple[int, ...] = (50, 50, 30),
+    mask: sitk.Image | None = None,
 ) -> tuple[sitk.Image, sitk.Image]:
     """N4 bias-field correction fitted on a shrunk copy, applied at full resolution.
 
-    The foreground mask is Otsu's threshold of the image. The log bias field estimated on the
+    The fitting mask is ``mask`` (the brain, once extracted) or else Otsu's threshold. The log bias field estimated on the
     shrunk image is evaluated on the full grid (``GetLogBiasFieldAsImage``) and divided out.
 
     Args:
         image: float image.
         shrink: shrink factor of the fitting copy (4 at 1 mm: a 4 mm fit, ~64x fewer voxels).
         iterations: N4 iterations per fitting level.
+        mask: where the bias is fitted (uint8); default Otsu's foreground.
 
     Returns:
         The corrected image and the Otsu foreground mask used.
     """
-    mask = sitk.OtsuThreshold(image, 0, 1, 200)
+    mask = sitk.OtsuThreshold(image, 0, 1, 200) if mask is None else sitk.Cast(mask, sitk.sitkUInt8)
     factor = [max(1, min(int(shrink), s // 16)) for s in image.GetSize()]
     small = sitk.Shrink(image, factor)
     small_mask = sitk.Shrink(mask, factor)
