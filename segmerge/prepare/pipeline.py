@@ -5,7 +5,8 @@ sequence rigidly to the reference (multi-resolution Mattes MI), **resample** ont
 grid covering the reference's field of view, **skull strip** (MNI152 template registered
 affinely, its brain mask warped), **N4** bias correction fitted inside that brain mask,
 **write** the brain-cropped BraTS 2021 files, every transform (``.tfm``), the QC JSON and
-montage. The prepared grid lives in the reference's physical space, so a prediction maps back to the reference's own grid by
+montage. The prepared grid lives in the reference's physical space, so a prediction maps
+back to the reference's own grid by
 resampling alone (:func:`segmerge.prepare.restore.to_original`).
 
 Output of case ``C``::

@@ -247,7 +247,8 @@ def n4_correct(
 ) -> tuple[sitk.Image, sitk.Image]:
     """N4 bias-field correction fitted on a shrunk copy, applied at full resolution.
 
-    The fitting mask is ``mask`` (the brain, once extracted) or else Otsu's threshold. The log bias field estimated on the
+    The fitting mask is ``mask`` (the brain, once extracted) or else Otsu's threshold. The log
+    bias field estimated on the
     shrunk image is evaluated on the full grid (``GetLogBiasFieldAsImage``) and divided out.
 
     Args:
