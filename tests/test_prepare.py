@@ -298,3 +298,13 @@ def test_predict_prepare_writes_both_geometries(prepared, tmp_path, capsys):
         tmp_path / "again.nii.gz",
     )
     assert np.array_equal(np.asarray(nib.load(again).dataobj), np.asarray(back.dataobj))
+
+
+def test_dicom_writer_keeps_the_process_locale(tmp_path):
+    """ITK's GDCM writer sets the process locale to plain "C" (open() then defaults to ASCII);
+    writing a DICOM series must leave the caller's locale as it was."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    make_raw_case(tmp_path / "d", size=32, seed=3, fmt="dicom")
+    assert locale.setlocale(locale.LC_ALL) == before

@@ -60,7 +60,7 @@ class BundleCases(Dataset):
         del value
 
 
-def trained_network(model_path: str | Path, network_def: Any) -> Any:
+def trained_network(model_path: str | Path | None, network_def: Any) -> Any:
     """The network the weights at ``model_path`` were trained with.
 
     ``train`` writes the resolved ``network_def`` beside every ``model.pt``
@@ -70,10 +70,10 @@ def trained_network(model_path: str | Path, network_def: Any) -> Any:
     config's own ``network_def`` is used. The bundle's ``network`` id calls this.
 
     Args:
-        model_path: the weights to be loaded.
+        model_path: the weights to be loaded (``None``: none, the config's network is used).
         network_def: the config's instantiated ``network_def`` (the fallback).
     """
-    record = read_network_record(model_path)
+    record = None if model_path is None else read_network_record(model_path)
     if record is None:
         return network_def
     return ConfigParser({"network": record}).get_parsed_content("network")

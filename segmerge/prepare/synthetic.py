@@ -10,6 +10,7 @@ registration error, brain-mask overlap and segmentation quality can be measured 
 
 from __future__ import annotations
 
+import locale
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -239,6 +240,18 @@ def write_dicom_series(
         ("0008|0008", "DERIVED\\SECONDARY"),
         ("0020|0037", "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3]))),
     ]
+    paths = []
+    # ITK's GDCM writer switches the process locale to plain "C" and leaves it there, which makes
+    # every later open() without an encoding ASCII-only: keep the caller's locale.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        paths = _write_slices(vol, image, folder, prefix, tags, uid_root, stamp, writer)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return paths
+
+
+def _write_slices(vol, image, folder, prefix, tags, uid_root, stamp, writer) -> list[Path]:
     paths = []
     for k in range(vol.GetDepth()):
         sl = vol[:, :, k]
