@@ -23,7 +23,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -438,8 +438,10 @@ def prepare_dataset(
         if workers == 1 or len(jobs) == 1:
             results = [_run_one(j) for j in jobs]
         else:
-            method = "fork" if "fork" in get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context(method)) as ex:
+            # spawn, never fork: a process that already ran torch/ITK/OpenMP threads (predict
+            # --prepare, a test session) deadlocks in forked children on a lock some thread held
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex:
                 results = list(ex.map(_run_one, jobs))
         outcomes.update({o.case_id: o for o in results})
     report.outcomes = [outcomes[k] for k in sorted(outcomes)]
