@@ -140,3 +140,20 @@ def up_block(
         act_name=act,
         dropout=dropout,
     )
+
+
+def availability_mask(x: torch.Tensor, available: torch.Tensor | None, n_mod: int) -> torch.Tensor:
+    """The ``(B, M)`` bool availability mask of a batch ``x`` (all present when ``None``).
+
+    The shape is checked in eager mode (not while scripting or tracing). The mask comes from the
+    data loader on the host: copying it to ``x``'s device is not a device sync.
+    """
+    if available is None:
+        return torch.ones(x.shape[0], n_mod, dtype=torch.bool, device=x.device)
+    if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+        if available.dim() != 2 or available.shape[0] != x.shape[0] or available.shape[1] != n_mod:
+            raise ValueError(
+                f"available must be (B, M) = ({x.shape[0]}, {n_mod}) bool, "
+                f"got shape {tuple(available.shape)}"
+            )
+    return available.to(device=x.device, dtype=torch.bool)

@@ -29,6 +29,7 @@ from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
 from segmerge.nets._common import (
+    availability_mask,
     check_input,
     describe,
     init_contract,
@@ -301,21 +302,7 @@ class MultiModalDSNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-        n_mod = len(self.modalities)
-        if available is None:
-            return torch.ones(x.shape[0], n_mod, dtype=torch.bool, device=x.device)
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            if (
-                available.dim() != 2
-                or available.shape[0] != x.shape[0]
-                or available.shape[1] != n_mod
-            ):
-                raise ValueError(
-                    f"available must be (B, M) = ({x.shape[0]}, {n_mod}) bool, "
-                    f"got shape {tuple(available.shape)}"
-                )
-        # The mask comes from the data loader on the host: copying it is not a device sync.
-        return available.to(device=x.device, dtype=torch.bool)
+        return availability_mask(x, available, len(self.modalities))
 
     def _encode(
         self, x: torch.Tensor, mask: torch.Tensor

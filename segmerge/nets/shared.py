@@ -35,7 +35,13 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.nets._common import check_input, describe, init_contract, suggest
+from segmerge.nets._common import (
+    availability_mask,
+    check_input,
+    describe,
+    init_contract,
+    suggest,
+)
 
 __all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "fuse_logits"]
 
@@ -278,20 +284,7 @@ class SharedModalityUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-        n_mod = len(self.mod_list)
-        if available is None:
-            return torch.ones(x.shape[0], n_mod, dtype=torch.bool, device=x.device)
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            if (
-                available.dim() != 2
-                or available.shape[0] != x.shape[0]
-                or available.shape[1] != n_mod
-            ):
-                raise ValueError(
-                    f"available must be (B, M) = ({x.shape[0]}, {n_mod}) bool, "
-                    f"got shape {tuple(available.shape)}"
-                )
-        return available.to(device=x.device, dtype=torch.bool)
+        return availability_mask(x, available, len(self.mod_list))
 
     def _branch(self, x: torch.Tensor, modality: str, n_heads: int) -> list[torch.Tensor]:
         """One modality through the shared U-Net: head logits at depths ``0 .. n_heads-1``."""
