@@ -478,3 +478,25 @@ def test_network_record_is_data(tmp_path):
     with pytest.raises(ValueError, match="segmerge.nets"):
         trained_network(model, fallback)
     assert not marker.exists()
+
+
+def test_autocast_bf16_subset_objectives_are_float32_and_finite():
+    """AMP on the shared U-Net (CPU bf16 autocast; CUDA fp16 runs the same code): the network runs
+    in reduced precision, the 15 subset losses come out float32 and finite, and so do the gradients
+    of the shared convolutions and of every modality's normalisation."""
+    torch.manual_seed(0)
+    net = SharedModalityUNet(features=[4, 8, 16], deep_supervision=2)
+    x = torch.randn(2, 4, 32, 32, 32)  # 32³: the deepest level is 8³ (see test_objectives)
+    available = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    target = (torch.rand(2, 3, 32, 32, 32) > 0.7).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = net(x, available)
+        nl = ObjectiveSet(subsets="all")(outputs, target, available)
+    assert outputs["modality.flair"].dtype == torch.bfloat16  # the network did run in bf16
+    full_res = [n for n in nl.names if n.startswith("subset.") and ".d" not in n]
+    assert len(full_res) == 15  # one row per subset at full resolution (plus coarser depths)
+    assert nl.losses.dtype == torch.float32 and bool(torch.isfinite(nl.losses).all())
+    nl.losses.sum().backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+    assert any(g is not None and ".t1." in f".{n}." for n, g in grads.items())
