@@ -466,7 +466,13 @@ def test_network_record_is_data(tmp_path):
     assert trained_network(model, fallback) is fallback
     record = tmp_path / "network.json"
     record.write_text(
-        json.dumps({"_target_": "segmerge.nets.SharedModalityUNet", "features": [4, 8, 16], "deep_supervision": 2})
+        json.dumps(
+            {
+                "_target_": "segmerge.nets.SharedModalityUNet",
+                "features": [4, 8, 16],
+                "deep_supervision": 2,
+            }
+        )
     )
     assert type(trained_network(model, fallback)).__name__ == "SharedModalityUNet"
     marker = tmp_path / "pwned"
