@@ -75,6 +75,7 @@ __all__ = [
     "ground_truth_files",
     "evaluate_predictions",
     "evaluate_subsets",
+    "evaluate_subsets_per_case",
     "write_evaluation",
     "write_robustness",
 ]
@@ -410,9 +411,24 @@ def evaluate_subsets(
     Returns:
         One row per subset: ``subset``, ``missing``, ``n_cases`` and mean metrics.
     """
+    return evaluate_subsets_per_case(predictor, dataset, subsets, gt)[0]
+
+
+def evaluate_subsets_per_case(
+    predictor: BratsPredictor,
+    dataset: str | Path,
+    subsets: str | Sequence[Sequence[str]] = "all",
+    gt: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
+    """:func:`evaluate_subsets` keeping every case's scores (the study's paired statistics).
+
+    Returns:
+        ``(rows, cases)``: the rows of :func:`evaluate_subsets` and case id -> subset name
+        (``flair+t1ce``) -> metrics.
+    """
     chosen = _parse_subsets(subsets)
     labels = ground_truth_files(gt if gt is not None else dataset)
-    scores: dict[tuple[str, ...], list[dict[str, float]]] = {s: [] for s in chosen}
+    cases: dict[str, dict[str, dict[str, float]]] = {}
     for case in discover_cases(dataset):
         if case.case_id not in labels:
             continue
@@ -428,19 +444,21 @@ def evaluate_subsets(
             if not set(subset) <= set(case.images):
                 continue
             pred = predictor.to_labels(predictor.infer(data, use=subset))
-            scores[subset].append(region_metrics(pred, gt_labels, spacing, predictor.et_label))
+            scores = region_metrics(pred, gt_labels, spacing, predictor.et_label)
+            cases.setdefault(case.case_id, {})["+".join(subset)] = scores
     rows = []
     for subset in chosen:
+        name = "+".join(subset)
+        have = [c[name] for c in cases.values() if name in c]
         row: dict[str, Any] = {
-            "subset": "+".join(subset),
+            "subset": name,
             "missing": "+".join(m for m in MODALITIES if m not in subset) or "-",
-            "n_cases": len(scores[subset]),
+            "n_cases": len(have),
         }
         for key in METRIC_KEYS:
-            values = [s[key] for s in scores[subset]]
-            row[key] = float(np.mean(values)) if values else float("nan")
+            row[key] = float(np.mean([h[key] for h in have])) if have else float("nan")
         rows.append(row)
-    return rows
+    return rows, cases
 
 
 def write_robustness(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:

@@ -284,64 +284,11 @@ def evaluate_model(
 def evaluate_subsets_per_case(
     predictor: Any, datalist: str | Path
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
-    """The rows of :func:`segmerge.inference.evaluate.evaluate_subsets` and the per-case scores.
+    """The 15-subset rows and every case's scores
+    (:func:`segmerge.inference.evaluate.evaluate_subsets_per_case` on all subsets)."""
+    from segmerge.inference.evaluate import evaluate_subsets_per_case as per_case
 
-    The same loop as ``evaluate_subsets`` (each case read once, predicted once per subset with
-    the other sequences zeroed and marked unavailable, scored by ``region_metrics``), but keeping
-    every case's scores: the inference API returns only their means, and the study's paired
-    statistics need them.
-
-    Returns:
-        ``(rows, cases)``: one row per subset (``subset``, ``missing``, ``n_cases`` and the mean
-        metrics) and case id -> subset name -> metrics.
-    """
-    import logging
-
-    import nibabel as nib
-
-    from segmerge.inference import discover_cases
-    from segmerge.inference.evaluate import (
-        METRIC_KEYS,
-        all_subsets,
-        ground_truth_files,
-        region_metrics,
-    )
-
-    logger = logging.getLogger("segmerge.study")
-    chosen = all_subsets()
-    labels = ground_truth_files(datalist)
-    cases: dict[str, dict[str, dict[str, float]]] = {}
-    for case in discover_cases(datalist):
-        if case.case_id not in labels:
-            continue
-        try:
-            predictor.check_inputs(case)
-            data = predictor.prepare(case)
-        except ValueError as err:  # a bad case is reported and left out, as in evaluate
-            logger.warning("study evaluation: skipping %s", err)
-            continue
-        img = nib.load(str(labels[case.case_id]))
-        gt = np.asarray(img.dataobj)
-        spacing = img.header.get_zooms()[:3]
-        for subset in chosen:
-            if not set(subset) <= set(case.images):
-                continue
-            pred = predictor.to_labels(predictor.infer(data, use=subset))
-            scores = region_metrics(pred, gt, spacing, predictor.et_label)
-            cases.setdefault(case.case_id, {})["+".join(subset)] = scores
-    rows = []
-    for subset in chosen:
-        name = "+".join(subset)
-        have = [c[name] for c in cases.values() if name in c]
-        row: dict[str, Any] = {
-            "subset": name,
-            "missing": "+".join(m for m in MODALITIES if m not in subset) or "-",
-            "n_cases": len(have),
-        }
-        for key in METRIC_KEYS:
-            row[key] = float(np.mean([h[key] for h in have])) if have else float("nan")
-        rows.append(row)
-    return rows, cases
+    return per_case(predictor, datalist, "all")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
