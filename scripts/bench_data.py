@@ -39,7 +39,6 @@ from segmerge.data import (  # noqa: E402
     train_transforms,
     write_phantom_dataset,
 )
-from segmerge.data.phantom_io import _write_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +51,10 @@ def bench_generation(tmp: Path, size: int, cases: int) -> dict:
         make_phantom_case(size=size, seed=1000 + i)
         gen.append(time.perf_counter() - t0)
         t0, c0 = time.perf_counter(), time.process_time()
-        _write_case((str(tmp / f"gen{size}"), i, size, 1000, 4, "brats2021"))
+        # one case through the public writer: 5 gzipped NIfTI files (+ a one-case dataset.json)
+        write_phantom_dataset(
+            tmp / f"gen{size}" / str(i), cases=1, size=size, seed=1000 + i, progress=False
+        )
         total.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {

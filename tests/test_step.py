@@ -21,7 +21,6 @@ from segmerge.step import (
     jacobian_loop,
     objective_roots,
 )
-from segmerge.step import _train_step as train_step_module
 
 
 def _losses(net, available=None, seed=0):
@@ -82,7 +81,12 @@ def test_strategies_agree_and_reach_is_right():
     reach = reach_unused
     for m in MODS:
         got = _param_names(net, layout, reach[names.index(f"modality.{m}")])
-        assert got == {f"encoders.{m}.0.weight", f"encoders.{m}.0.bias", f"aux.{m}.weight", f"aux.{m}.bias"}
+        assert got == {
+            f"encoders.{m}.0.weight",
+            f"encoders.{m}.0.bias",
+            f"aux.{m}.weight",
+            f"aux.{m}.bias",
+        }
     fused = _param_names(net, layout, reach[names.index("fused.d1")])
     assert {f"encoders.{m}.0.weight" for m in MODS} <= fused
     assert not any(n.startswith("aux.") or n.startswith("head0") for n in fused)
@@ -190,7 +194,10 @@ def test_amortised_n1_equals_exact():
     twin = copy.deepcopy(net)
     a = TrainStep(net, torch.optim.Adam(net.parameters(), lr=1e-2), GMDAgg(), strategy="loop")
     b = TrainStep(
-        twin, torch.optim.Adam(twin.parameters(), lr=1e-2), GMDAgg(), strategy="batched",
+        twin,
+        torch.optim.Adam(twin.parameters(), lr=1e-2),
+        GMDAgg(),
+        strategy="batched",
         refresh_every=1,
     )
     for s in range(2):
@@ -258,23 +265,39 @@ def test_losses_not_stacked_last_are_rejected():
         TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), SumAgg(), strategy="vmap")
 
 
-def test_batched_failure_falls_back_to_loop_once(monkeypatch):
-    calls = []
+class _NoBatchingRule(torch.autograd.Function):
+    """Identity whose backward reads its gradient's data: fine in a plain backward, a
+    RuntimeError under the batched (vmap) backward, like an op without a batching rule."""
 
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise RuntimeError("Batching rule not implemented for aten::fake")
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
 
-    monkeypatch.setattr(train_step_module, "jacobian_batched", broken)
-    net = TinyDSNet()
+    @staticmethod
+    def backward(ctx, grad):
+        grad.tolist()  # needs storage: a vmapped (batched) gradient has none
+        return grad
+
+
+class _UnbatchableNet(TinyDSNet):
+    def forward(self, x, available=None):
+        return {k: _NoBatchingRule.apply(v) for k, v in super().forward(x, available).items()}
+
+
+def test_batched_failure_falls_back_to_loop_once():
+    # A second batched try would raise (only the first failure falls back): the second step
+    # passing without a warning shows that the batched strategy is tried once.
+    net = _UnbatchableNet()
     twin = copy.deepcopy(net)
     ts = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), SumAgg(), strategy="batched")
-    with pytest.warns(RuntimeWarning, match="using the loop strategy"):
+    with pytest.warns(
+        RuntimeWarning, match="batched .vmap. Jacobian failed.*using the loop strategy"
+    ):
         ts.step(_losses(net))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ts.step(_losses(net, seed=1))
-    assert len(calls) == 1 and ts.resolved_strategy() == "loop"
+    assert ts.resolved_strategy() == "loop"
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)
     for s in range(2):
         opt.zero_grad()
