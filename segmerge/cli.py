@@ -13,9 +13,10 @@ Commands (each lives in the package that owns it; the registry is an explicit di
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
+
+from segmerge.hints import suggest
 
 # command -> "module:function"; each function takes argv (list[str]) and returns an exit status.
 COMMANDS: dict[str, str] = {
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = suggest(command, COMMANDS, clause=True)
         print(f"segmerge: unknown command '{command}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[command].split(":")

@@ -7,13 +7,14 @@ Channel order of the network input (written into the bundle's ``channel_def``):
 
 from __future__ import annotations
 
-import difflib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from segmerge.hints import suggest as suggest  # the one "did you mean", re-exported
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 """Canonical modality names, in network channel order."""
@@ -29,19 +30,6 @@ NCR, ED = 1, 2
 VALID_ET_LABELS = (3, 4)
 HD95_EMPTY = 373.13
 """BraTS convention: HD95 when exactly one of prediction / ground truth is empty."""
-
-
-def suggest(name: object, valid: Iterable[object], cutoff: float = 0.6) -> str:
-    """`` (did you mean 'x'?)`` for the valid name closest to ``name``, or ``""`` when none is close.
-
-    The one "did you mean" of segmerge (``difflib`` similarity, ``cutoff`` in [0, 1]).
-
-    Example:
-        >>> suggest("flari", MODALITIES)
-        " (did you mean 'flair'?)"
-    """
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 CASE_ID_RULE = "a case id is a plain name: not empty, no '/' or '\\', no '..', no control characters"

@@ -15,7 +15,6 @@ value, so the same code runs on CUDA without host-device synchronisation from se
 
 from __future__ import annotations
 
-import difflib
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from segmerge.hints import suggest
 
 __all__ = [
     "GRAM_BLOCK",
@@ -502,8 +503,7 @@ def check_choice(
 ) -> None:
     """Raise ValueError naming ``param``, the rule and the value (with the closest choice)."""
     if value not in choices:
-        close = difflib.get_close_matches(str(value), list(choices), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = suggest(value, choices, clause=True)
         rule = rule or f"one of {list(choices)}"
         raise ValueError(f"{owner}: {param} must be {rule}, got {value!r}{hint}")
 

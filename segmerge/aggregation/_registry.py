@@ -9,13 +9,14 @@ signature) and the functional entry point :func:`aggregate`.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
+
+from segmerge.hints import suggest
 
 from ._blending import Blending
 from ._core import Aggregator
@@ -71,11 +72,6 @@ def register_aggregator(name: str, cls: Callable[..., Aggregator]) -> None:
     AGGREGATORS[name] = cls
 
 
-def _suggest(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def check_method(name: str) -> str:
     """The registered method name for ``name`` (case-insensitive), or a ValueError.
 
@@ -86,7 +82,7 @@ def check_method(name: str) -> str:
     key = str(name).lower()
     if key not in AGGREGATORS:
         raise ValueError(
-            f"unknown aggregation method {name!r}{_suggest(key, list(AGGREGATORS))} "
+            f"unknown aggregation method {name!r}{suggest(key, AGGREGATORS, 0.5, clause=True)} "
             f"(known: {', '.join(AGGREGATORS)})"
         )
     return key
@@ -155,7 +151,7 @@ def build_aggregator(name: str, **hparams: Any) -> Aggregator:
     for option in hparams:
         if option not in params:
             raise ValueError(
-                f"{cls.__name__}: unknown hyper-parameter {option!r}{_suggest(option, params)} "
+                f"{cls.__name__}: unknown hyper-parameter {option!r}{suggest(option, params, 0.5, clause=True)} "
                 f"(accepted: {', '.join(params) or 'none'})"
             )
     if cls is Blending:  # the estimator selector, as a function call (see Blending.select)

@@ -12,12 +12,13 @@ command accepts and nothing else (unknown keys fail before the first method trai
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from segmerge.hints import suggest
 
 __all__ = [
     "Budget",
@@ -118,8 +119,7 @@ def get_budget(name: str, config_dir: str | Path | None = None) -> Budget:
     """
     budgets = load_study_config(config_dir)["budgets"]
     if name not in budgets:
-        close = difflib.get_close_matches(name, list(budgets), n=1, cutoff=0.4)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = suggest(name, budgets, 0.4)
         raise ValueError(f"unknown budget {name!r}{hint}; available: {', '.join(sorted(budgets))}")
     raw = budgets[name]
     for key in ("phantoms", "train", "evaluation"):
