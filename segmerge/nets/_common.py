@@ -1,4 +1,4 @@
-"""Checks and constructor bookkeeping shared by the segmerge networks.
+"""Checks, constructor bookkeeping and the contract base class shared by the segmerge networks.
 
 Every check here reads shapes and dtypes only (Python ints), never tensor values, so the
 forward passes stay free of device syncs and trace cleanly.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import UnetUpBlock
+from monai.networks.blocks import UnetOutBlock, UnetUpBlock
 from torch import nn
 
 from segmerge.conventions import suggest  # the one "did you mean" (re-exported for nets)
@@ -34,6 +34,15 @@ def check_norm(norm: str | tuple) -> str | tuple:
             + suggest(str(name).lower(), NORM_NAMES)
         )
     return norm
+
+
+def check_choice(what: str, value: str, choices: Sequence[str]) -> str:
+    """Raise ``ValueError`` naming ``what``, the choices and the nearest one unless ``value`` is one."""
+    if value not in choices:
+        raise ValueError(
+            f"{what} must be one of {tuple(choices)}, got {value!r}" + suggest(value, choices)
+        )
+    return value
 
 
 def check_features(features: Sequence[int], what: str = "features") -> tuple[int, ...]:
@@ -157,3 +166,48 @@ def availability_mask(x: torch.Tensor, available: torch.Tensor | None, n_mod: in
                 f"got shape {tuple(available.shape)}"
             )
     return available.to(device=x.device, dtype=torch.bool)
+
+
+def fused_heads(features: Sequence[int], n_heads: int, out_channels: int) -> nn.ModuleDict:
+    """The fused heads ``d0 .. d{n_heads-1}``: a 1x1x1 convolution of decoder level ``l`` each."""
+    return nn.ModuleDict(
+        {
+            f"d{level}": UnetOutBlock(
+                spatial_dims=3, in_channels=features[level], out_channels=out_channels
+            )
+            for level in range(n_heads)
+        }
+    )
+
+
+class ContractNet(nn.Module):
+    """Base of the segmerge networks: the contract's ``forward`` and its shared helpers.
+
+    A subclass sets the contract attributes with :func:`init_contract` and defines
+    ``forward_heads(x, available)`` (every head's logits by name, whatever the mode) and
+    ``_forward_eval(x, available)`` (the eval-mode region logits, ``fused.d0`` alone).
+    """
+
+    def extra_repr(self) -> str:
+        return describe(self)
+
+    def _check(self, x: torch.Tensor) -> None:
+        """:func:`check_input` in eager mode (not while scripting or tracing)."""
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            check_input(x, len(self.modalities), self.divisor, self.modalities)
+
+    def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        return availability_mask(x, available, len(self.modalities))
+
+    def forward(
+        self, x: torch.Tensor, available: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Train mode: dict of named head logits. Eval mode: ``fused.d0`` logits only.
+
+        Args:
+            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
+            available: ``(B, M)`` bool availability mask; None means every modality present.
+        """
+        if self.training:
+            return self.forward_heads(x, available)
+        return self._forward_eval(x, available)

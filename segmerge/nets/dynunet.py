@@ -6,16 +6,15 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import DynUNet
-from torch import nn
 from torch.nn.functional import interpolate
 
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.nets._common import check_input, describe, init_contract
+from segmerge.nets._common import ContractNet, init_contract
 
 __all__ = ["DynUNetDS"]
 
 
-class DynUNetDS(nn.Module):
+class DynUNetDS(ContractNet):
     """Early-fusion MONAI ``DynUNet`` with deep supervision, returning named heads.
 
     The modalities are stacked as input channels (early fusion); ``available`` is only used to
@@ -73,9 +72,6 @@ class DynUNetDS(nn.Module):
             res_block=res_block,
         )
 
-    def extra_repr(self) -> str:
-        return describe(self)
-
     @torch.jit.unused
     def output_names(self) -> list[str]:
         """Names of the train-mode outputs, in objective order."""
@@ -87,17 +83,10 @@ class DynUNetDS(nn.Module):
         return {name: 1 for name in self.output_names()}
 
     def _masked_input(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            check_input(x, len(self.modalities), self.divisor, self.modalities)
+        self._check(x)
         if available is None:
             return x
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            if tuple(available.shape) != (x.shape[0], len(self.modalities)):
-                raise ValueError(
-                    f"available must be (B, M) = ({x.shape[0]}, {len(self.modalities)}) bool, "
-                    f"got shape {tuple(available.shape)}"
-                )
-        missing = ~available.to(device=x.device, dtype=torch.bool)
+        missing = ~self._mask(x, available)
         return x.masked_fill(missing[:, :, None, None, None], 0.0)
 
     def forward_heads(
@@ -114,15 +103,6 @@ class DynUNetDS(nn.Module):
                 heads[f"fused.d{d + 1}"] = interpolate(feat, out.shape[2:])
         return heads
 
-    def forward(
-        self, x: torch.Tensor, available: torch.Tensor | None = None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Train mode: dict ``fused.d0 ..``; eval mode: one ``(B, C, H, W, D)`` logits tensor.
-
-        Args:
-            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
-            available: ``(B, M)`` bool mask; missing modalities' channels are zeroed.
-        """
-        if self.training:
-            return self.forward_heads(x, available)
+    def _forward_eval(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        """Eval mode: one ``(B, C, H, W, D)`` logits tensor; missing modalities' channels zeroed."""
         return self.net(self._masked_input(x, available))

@@ -29,11 +29,10 @@ from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
 from segmerge.nets._common import (
-    availability_mask,
-    check_input,
-    describe,
+    ContractNet,
+    check_choice,
+    fused_heads,
     init_contract,
-    suggest,
     up_block,
 )
 
@@ -152,7 +151,7 @@ class AuxDecoder(nn.Module):
         return self.out(h)
 
 
-class MultiModalDSNet(nn.Module):
+class MultiModalDSNet(ContractNet):
     """Per-modality encoders, availability-masked fusion, deep-supervised decoder, aux heads.
 
     ``forward(x, available=None)``: ``x`` is ``(B, M, H, W, D)`` with the modalities in
@@ -207,17 +206,9 @@ class MultiModalDSNet(nn.Module):
         aux_decoder: str = "separate",
     ) -> None:
         super().__init__()
-        if aux_decoder not in AUX_DECODERS:
-            raise ValueError(
-                f"aux_decoder must be one of {AUX_DECODERS}, got {aux_decoder!r}"
-                + suggest(aux_decoder, AUX_DECODERS)
-            )
-        if fusion not in FUSIONS:
-            raise ValueError(
-                f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
-            )
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}" + suggest(stem, STEMS))
+        check_choice("aux_decoder", aux_decoder, AUX_DECODERS)
+        check_choice("fusion", fusion, FUSIONS)
+        check_choice("stem", stem, STEMS)
         init_contract(
             self, modalities, out_channels, features, deep_supervision, norm, dropout,
             fusion=fusion, aux_level=int(aux_level), stem=stem, aux_decoder=aux_decoder,
@@ -239,14 +230,7 @@ class MultiModalDSNet(nn.Module):
             up_block(feats[level + 1], feats[level], norm, act, drop)
             for level in range(depth - 1, -1, -1)
         )
-        self.heads = nn.ModuleDict(
-            {
-                f"d{level}": UnetOutBlock(
-                    spatial_dims=3, in_channels=feats[level], out_channels=self.out_channels
-                )
-                for level in range(self.deep_supervision)
-            }
-        )
+        self.heads = fused_heads(feats, self.deep_supervision, self.out_channels)
         self.aux_decoder_kind = aux_decoder
         self.shared_aux = aux_decoder == "shared"
         # "separate": aux_heads.<m>; "shared": one aux_decoder and an empty aux_heads (the
@@ -265,10 +249,6 @@ class MultiModalDSNet(nn.Module):
             else nn.Identity()
         )
         self.mod_list = list(mods)
-
-    # ------------------------------------------------------------------ description
-    def extra_repr(self) -> str:
-        return describe(self)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:
@@ -301,9 +281,6 @@ class MultiModalDSNet(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-        return availability_mask(x, available, len(self.modalities))
-
     def _encode(
         self, x: torch.Tensor, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
@@ -350,8 +327,7 @@ class MultiModalDSNet(nn.Module):
         self, x: torch.Tensor, available: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Every head's logits by name, whatever the mode (see the class docstring)."""
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            check_input(x, len(self.modalities), self.divisor, self.modalities)
+        self._check(x)
         mask = self._mask(x, available)
         fused, per_mod = self._encode(x, mask)
         dec = self._decode(fused, self.deep_supervision)
@@ -368,19 +344,9 @@ class MultiModalDSNet(nn.Module):
                 idx += 1
         return out
 
-    def forward(
-        self, x: torch.Tensor, available: torch.Tensor | None = None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Train mode: dict of named head logits. Eval mode: ``fused.d0`` logits only.
-
-        Args:
-            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
-            available: ``(B, M)`` bool availability mask; None means every modality present.
-        """
-        if self.training:
-            return self.forward_heads(x, available)
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            check_input(x, len(self.modalities), self.divisor, self.modalities)
+    def _forward_eval(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        """Eval mode: ``fused.d0`` alone, without the coarser heads and the aux decoders."""
+        self._check(x)
         mask = self._mask(x, available)
         fused, _ = self._encode(x, mask)
         dec = self._decode(fused, 1)

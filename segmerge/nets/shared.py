@@ -29,18 +29,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import UnetOutBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
 from segmerge.nets._common import (
-    availability_mask,
-    check_input,
-    describe,
+    ContractNet,
+    check_choice,
+    fused_heads,
     init_contract,
-    suggest,
 )
 
 __all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "fuse_logits"]
@@ -161,7 +159,7 @@ class SharedUp(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1), modality)
 
 
-class SharedModalityUNet(nn.Module):
+class SharedModalityUNet(ContractNet):
     """Deep-supervised 3D U-Net shared by all modalities, modality-specific normalisation.
 
     ``forward(x, available=None)`` as :class:`~segmerge.nets.MultiModalDSNet`: ``x`` is
@@ -202,12 +200,8 @@ class SharedModalityUNet(nn.Module):
             norm = tuple(norm)
         if isinstance(act, list):
             act = tuple(act)
-        if fusion not in FUSIONS:
-            raise ValueError(
-                f"fusion must be one of {FUSIONS}, got {fusion!r}" + suggest(fusion, FUSIONS)
-            )
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}" + suggest(stem, STEMS))
+        check_choice("fusion", fusion, FUSIONS)
+        check_choice("stem", stem, STEMS)
         init_contract(
             self, modalities, out_channels, features, deep_supervision, norm, dropout,
             fusion=fusion, stem=stem,
@@ -235,18 +229,7 @@ class SharedModalityUNet(nn.Module):
             SharedUp(feats[level + 1], feats[level], self.modalities, norm, act, drop)
             for level in range(depth - 1, -1, -1)
         )
-        self.heads = nn.ModuleDict(
-            {
-                f"d{level}": UnetOutBlock(
-                    spatial_dims=3, in_channels=feats[level], out_channels=self.out_channels
-                )
-                for level in range(self.deep_supervision)
-            }
-        )
-
-    # ------------------------------------------------------------------ description
-    def extra_repr(self) -> str:
-        return describe(self)
+        self.heads = fused_heads(feats, self.deep_supervision, self.out_channels)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:
@@ -283,9 +266,6 @@ class SharedModalityUNet(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _mask(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-        return availability_mask(x, available, len(self.mod_list))
-
     def _branch(self, x: torch.Tensor, modality: str, n_heads: int) -> list[torch.Tensor]:
         """One modality through the shared U-Net: head logits at depths ``0 .. n_heads-1``."""
         skips: list[torch.Tensor] = []
@@ -308,8 +288,7 @@ class SharedModalityUNet(nn.Module):
     def _run(
         self, x: torch.Tensor, available: torch.Tensor | None, n_heads: int
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-            check_input(x, len(self.mod_list), self.divisor, self.mod_list)
+        self._check(x)
         mask = self._mask(x, available)
         run = [True for _ in self.mod_list]
         if not self.training and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
@@ -348,16 +327,7 @@ class SharedModalityUNet(nn.Module):
                 out["modality." + m + suffix] = per_mod[idx][depth]
         return out
 
-    def forward(
-        self, x: torch.Tensor, available: torch.Tensor | None = None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Train mode: dict of named head logits. Eval mode: ``fused.d0`` logits only.
-
-        Args:
-            x: ``(B, M, H, W, D)`` input, modalities in ``self.modalities`` order.
-            available: ``(B, M)`` bool availability mask; None means every modality present.
-        """
-        if self.training:
-            return self.forward_heads(x, available)
+    def _forward_eval(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+        """Eval mode: the fused full-resolution logits ``fused.d0`` alone."""
         mask, per_mod = self._run(x, available, 1)
         return fuse_logits([p[0] for p in per_mod], mask)
