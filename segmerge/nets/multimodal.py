@@ -35,6 +35,7 @@ from segmerge.nets._common import (
     init_contract,
     up_block,
 )
+from segmerge.nets._onednn import use_onednn_convs
 
 __all__ = ["MultiModalDSNet", "ModalityEncoder", "AuxDecoder"]
 
@@ -162,6 +163,12 @@ class MultiModalDSNet(ContractNet):
     ``modality.<m>`` at resolution ``1/2**aux_level``. :meth:`forward_heads` returns that dict in
     either mode (used for held-out per-head losses).
 
+    In eager eval mode on CPU (float32) every 3D convolution runs through oneDNN at any batch
+    size (:class:`~segmerge.nets.OneDNNConv3d`; PyTorch itself falls back to a kernel 3-13x slower
+    at batch 1, the sliding window's): the same logits to float32 rounding, with the live
+    weights. Train mode, TorchScript, tracing/ONNX export, ``torch.compile`` and CUDA take
+    ``nn.Conv3d``'s own path.
+
     Fusion (at every encoder level): ``"mean"`` is the mean over the available modalities'
     features (denominator = number available, clamped to >= 1, so a sample with nothing available
     gets zero features); ``"max"`` is the element-wise max over the available ones (zero if none).
@@ -249,6 +256,7 @@ class MultiModalDSNet(ContractNet):
             else nn.Identity()
         )
         self.mod_list = list(mods)
+        use_onednn_convs(self)  # eval on CPU: convolutions through oneDNN at batch 1 (_onednn)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:

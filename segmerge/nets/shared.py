@@ -40,6 +40,7 @@ from segmerge.nets._common import (
     fused_heads,
     init_contract,
 )
+from segmerge.nets._onednn import use_onednn_convs
 
 __all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "fuse_logits"]
 
@@ -168,6 +169,12 @@ class SharedModalityUNet(ContractNet):
     modalities; train mode a dict ``fused.d<l>``, ``modality.<m>`` (full resolution) and
     ``modality.<m>.d<l>`` (l >= 1). See the module docstring for the structure.
 
+    In eager eval mode on CPU (float32) every 3D convolution runs through oneDNN at any batch
+    size (:class:`~segmerge.nets.OneDNNConv3d`; PyTorch itself falls back to a kernel 3-13x slower
+    at batch 1, the sliding window's): the same logits to float32 rounding, with the live
+    weights. Train mode, TorchScript, tracing/ONNX export, ``torch.compile`` and CUDA take
+    ``nn.Conv3d``'s own path.
+
     Args:
         modalities: modality names in input channel order (default ``MODALITIES``).
         out_channels: region channels (default 3: ``wt, tc, et``).
@@ -230,6 +237,7 @@ class SharedModalityUNet(ContractNet):
             for level in range(depth - 1, -1, -1)
         )
         self.heads = fused_heads(feats, self.deep_supervision, self.out_channels)
+        use_onednn_convs(self)  # eval on CPU: convolutions through oneDNN at batch 1 (_onednn)
 
     @torch.jit.unused
     def output_names(self) -> list[str]:
