@@ -4,12 +4,16 @@
     nice -n 10 .venv/bin/python scripts/bench_inference.py --size 96 --repeats 2
     .venv/bin/python scripts/bench_inference.py --backends pytorch --out docs/bench_inference.md
 
-Two networks run through the very same predictor (``configs/inference.json``: MONAI LoadImaged,
+The networks run through the very same predictor (``configs/inference.json``: MONAI LoadImaged,
 RAS reorientation, z-scoring, SlidingWindowInferer with gaussian blending, sigmoid, Invertd,
-nibabel writing): segmerge's ``MultiModalDSNet`` with the configured widths, and MONAI's stock
-``SegResNet`` with ``init_filters`` chosen to have the closest parameter count (it takes no
-availability mask, so a thin wrapper drops it). Weights are freshly initialised: speed does not
-depend on them. Each network runs with each backend (``pytorch``; ``onnxruntime``, the network
+nibabel writing): segmerge's ``MultiModalDSNet`` with the configured widths (the bundle's network),
+segmerge's ``SharedModalityUNet`` with the same widths, and MONAI's stock ``SegResNet`` with
+``init_filters`` chosen to have the closest parameter count to ``MultiModalDSNet`` (it takes no
+availability mask, so a thin wrapper drops it): the reference of every ratio. With the PyTorch
+backend one more row, for context only, runs that SegResNet with its convolutions turned into
+``segmerge.nets.OneDNNConv3d`` (``use_onednn_convs``, the eval-mode oneDNN path segmerge's
+networks take at batch 1): what stock SegResNet would cost with the same convolution kernel.
+Weights are freshly initialised: speed does not depend on them. Each network runs with each backend (``pytorch``; ``onnxruntime``, the network
 exported to ONNX and run by ONNX Runtime's CPU provider with the same thread count), side by side
 in one run: one untimed warm-up on a small case, then ``--repeats`` timed runs, the fastest kept
 (the least disturbed by other jobs on a shared machine). The ratios to SegResNet on the same
@@ -22,6 +26,7 @@ sigmoid + inversion to the input grid, ``write`` = thresholding, labels and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -38,6 +43,7 @@ from segmerge.conventions import BRATS2021_SUFFIX, MODALITIES, REGIONS
 from segmerge.data import make_phantom_case
 from segmerge.inference import discover_cases, load_bundle_config
 from segmerge.inference.onnx import OnnxRuntimeNetwork, export_onnx
+from segmerge.nets import SharedModalityUNet, use_onednn_convs
 
 # ---- defaults ----------------------------------------------------------------------------------
 SIZE = 128
@@ -127,8 +133,36 @@ def time_network(
     return best
 
 
+def networks(
+    ours: nn.Module, segresnet: SegResNet, filters: int, backend: str
+) -> list[tuple[str, nn.Module]]:
+    """The rows of one backend, ``(label, network)``; the reference (:func:`reference_label`) among them."""
+    shared = SharedModalityUNet(
+        modalities=ours.modalities, features=ours.features, deep_supervision=ours.deep_supervision
+    )
+    rows = [
+        (f"segmerge MultiModalDSNet (features {list(ours.features)})", ours),
+        (f"segmerge SharedModalityUNet (features {list(shared.features)})", shared),
+        (reference_label(filters), _MaskIgnored(segresnet)),
+    ]
+    if backend == "pytorch":  # an exported graph is the same with or without the eval fast path
+        onednn = use_onednn_convs(copy.deepcopy(segresnet))
+        rows.append(("(context) SegResNet + use_onednn_convs", _MaskIgnored(onednn)))
+    return rows
+
+
+def reference_label(filters: int) -> str:
+    """Label of the reference row: stock MONAI SegResNet."""
+    return f"MONAI SegResNet (init_filters {filters})"
+
+
 def per_window(
-    nets: list[tuple[str, nn.Module]], roi: list[int], backends: list[str], reps: int = 2
+    ours: nn.Module,
+    segresnet: SegResNet,
+    filters: int,
+    roi: list[int],
+    backends: list[str],
+    reps: int = 2,
 ) -> list[str]:
     """CPU milliseconds per sliding window of the networks alone, batch 1 and 8, per backend.
 
@@ -140,7 +174,7 @@ def per_window(
         "|---|---|---:|---:|",
     ]
     for backend in backends:
-        for name, net in nets:
+        for name, net in networks(ours, segresnet, filters, backend):
             net.eval()
             run = net
             if backend == "onnxruntime":
@@ -183,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     segresnet, filters = matched_segresnet(n_params(ours))
     roi, overlap = config["roi_size"], config["overlap"]
     if args.per_window:
-        nets = [
-            (f"segmerge MultiModalDSNet (features {list(ours.features)})", ours),
-            (f"MONAI SegResNet (init_filters {filters})", _MaskIgnored(segresnet)),
-        ]
-        lines = per_window(nets, list(roi), backends)
+        lines = per_window(ours, segresnet, filters, list(roi), backends)
         head = f"Window {list(roi)}, `torch.set_num_threads({args.threads})`, CPU ms per window:"
         text = "\n".join([head, "", *lines]) + "\n"
         print(text)
@@ -201,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         write_case(tmp / "data", "bench", args.size, SEED)
         write_case(tmp / "warmup", "warm", 32, SEED + 1)
         for backend in backends:
-            for name, net in (
-                (f"segmerge MultiModalDSNet (features {list(ours.features)})", ours),
-                (f"MONAI SegResNet (init_filters {filters})", _MaskIgnored(segresnet)),
-            ):
+            for name, net in networks(ours, segresnet, filters, backend):
                 seconds = time_network(
                     net, tmp / "data", tmp / "out", tmp / "warmup", backend, args.repeats
                 )
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`scripts/bench_inference.py`: one {args.size}^3 phantom case, seconds per phase, fastest of "
         f"{args.repeats} timed run(s) per row after an untimed 32^3 warm-up; fresh weights (speed "
-        "does not depend on them). Ratio = inference time / SegResNet's on the same backend.",
+        "does not depend on them). Ratio = this row / stock SegResNet's on the same backend.",
         f"Sliding window {roi}, overlap {overlap}, gaussian blending, sw_batch_size "
         f"{config['sw_batch_size']}; `torch.set_num_threads({args.threads})`.",
         "",
@@ -229,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "| CPU time (s) | ratio (wall) | ratio (CPU) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    reference = {b: s for name, b, _, s in rows if name.startswith("MONAI SegResNet")}
+    reference = {b: s for name, b, _, s in rows if name == reference_label(filters)}
     for name, backend, params, s in rows:
         total = s["read"] + s["inference"] + s["write"]
         ref = reference[backend]
