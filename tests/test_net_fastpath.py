@@ -164,3 +164,13 @@ def test_use_onednn_convs_converts_any_network_and_leaves_subclasses_alone():
     x = torch.randn(1, 2, 8, 8, 8)
     with torch.no_grad():
         assert _conv_ops(lambda: net[0].eval()(x)) == {"aten::mkldnn_convolution"}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_records_the_stock_convolution(strict):
+    net = use_onednn_convs(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.LeakyReLU())).eval()
+    x = torch.randn(1, 2, 8, 8, 8)
+    program = torch.export.export(net, (x,), strict=strict)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.conv3d.default" in ops and not any("mkldnn" in op for op in ops), ops
+    assert torch.allclose(program.module()(x), net(x), atol=1e-5)

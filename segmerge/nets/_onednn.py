@@ -50,8 +50,10 @@ class OneDNNConv3d(nn.Conv3d):
     @torch.jit.unused
     def _onednn_eligible(self, input: torch.Tensor) -> bool:
         # Python-level checks of devices, dtypes and flags only: no tensor values, no device sync.
+        # Dynamo first: it must not trace the rest (torch.backends.mkldnn is on its skip list).
         return (
-            input.device.type == "cpu"
+            not torch.compiler.is_compiling()
+            and input.device.type == "cpu"
             and input.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and input.dim() == 5
@@ -60,7 +62,6 @@ class OneDNNConv3d(nn.Conv3d):
             and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
         )
 
     @torch.jit.unused
