@@ -445,7 +445,7 @@ def test_a_checkpoint_of_another_network_gives_a_short_message(finished, tmp_pat
 def test_disk_full_before_and_during_training(finished, tmp_path, capsys, monkeypatch):
     import errno
 
-    from segmerge.engine import trainer
+    from segmerge.engine import handlers, outputs
 
     _, _, _, _, cache = finished
     args = [*TINY, "--cache_dir", str(cache), "--bundle_root", str(tmp_path)]
@@ -454,10 +454,10 @@ def test_disk_full_before_and_during_training(finished, tmp_path, capsys, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as mp:  # the pre-check writes: an empty file would still fit
-        mp.setattr(trainer.os, "fsync", full)
+        mp.setattr(outputs.os, "fsync", full)
         assert main(args) == 2
     assert "is not writable: [Errno 28] No space left on device" in capsys.readouterr().err
-    real = trainer.atomic_torch_save
+    real = handlers.atomic_torch_save  # what the checkpoints are written with
     calls = {"n": 0}
 
     def fill(obj, path):
@@ -466,7 +466,7 @@ def test_disk_full_before_and_during_training(finished, tmp_path, capsys, monkey
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(obj, path)
 
-    monkeypatch.setattr(trainer, "atomic_torch_save", fill)
+    monkeypatch.setattr(handlers, "atomic_torch_save", fill)
     assert main([*args, "--epochs", "3", "--val_every", "3"]) == 1
     err = capsys.readouterr().err
     assert "the disk is full" in err and "marked FAILED" in err and "is kept" in err
@@ -479,17 +479,17 @@ def test_disk_full_before_and_during_training(finished, tmp_path, capsys, monkey
 def test_a_second_ctrl_c_during_validation_ends_cleanly(finished, tmp_path, capsys, monkeypatch):
     import signal
 
-    from segmerge.engine import trainer
+    from segmerge.engine import handlers
 
     _, _, _, _, cache = finished
-    real = trainer.validate
+    real = handlers.validate
 
     def impatient(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "validate", impatient)
+    monkeypatch.setattr(handlers, "validate", impatient)
     args = [*TINY, "--cache_dir", str(cache), "--bundle_root", str(tmp_path)]
     assert main(args) == 130
     err = capsys.readouterr().err
@@ -500,18 +500,15 @@ def test_a_second_ctrl_c_during_validation_ends_cleanly(finished, tmp_path, caps
 
 @pytest.mark.slow
 def test_a_finished_run_is_reopened_only_with_continue_run(finished, tmp_path):
-    from segmerge.engine.trainer import Trainer
+    from segmerge.engine.mlflow_run import run_to_continue
 
     _, _, _, root, _ = finished
-    _, (run,) = _runs(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
+    _, (run,) = _runs(uri)
     rid = run.info.run_id
-    trainer = Trainer.__new__(Trainer)  # only the decision, without a training
-    trainer.tracking_uri, trainer.resumed_run_id = f"sqlite:///{root / 'runs' / 'mlflow.db'}", rid
-    for flag, expected in ((False, None), (True, rid)):
-        trainer.continue_run = flag
-        reopen, line = trainer._run_to_continue()
+    for flag, expected in ((False, None), (True, rid)):  # only the decision, without a training
+        reopen, line = run_to_continue(uri, rid, flag)
         assert reopen == expected
         assert ("is finished; a new run continues" in line) is (not flag)
-    trainer.tracking_uri = f"sqlite:///{tmp_path / 'other.db'}"
-    reopen, line = trainer._run_to_continue()
+    reopen, line = run_to_continue(f"sqlite:///{tmp_path / 'other.db'}", rid, False)
     assert reopen is None and f"MLflow run {rid} is not in" in line

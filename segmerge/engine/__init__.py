@@ -2,10 +2,12 @@
 
 Configuration (MONAI bundle data + command line), MONAI ``SupervisedTrainer`` with the
 per-objective step as ``iteration_update``, validation (sliding-window Dice/HD95, per-head losses,
-OGR), batched MLflow logging, atomic checkpoints and resume.
+OGR), batched MLflow logging, atomic checkpoints and resume; see ``docs/architecture.md`` for
+which module does what.
 """
 
 from segmerge.engine.checkpoint import (
+    TrainingState,
     atomic_torch_save,
     load_checkpoint,
     resolve_resume_path,
@@ -20,13 +22,20 @@ from segmerge.engine.config import (
     parse_argv,
 )
 from segmerge.engine.metrics_buffer import StepMetrics
+from segmerge.engine.result import RESULT_NAME, read_result, write_result
 from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
+from segmerge.engine.settings import Settings
 from segmerge.engine.tracking import Tracker, check_tracking_uri, default_tracking_uri, ui_command
 from segmerge.engine.trainer import Trainer, TrainResult, format_summary, phantom_cache_path, train
 from segmerge.engine.validation import ValidationResult, region_scores, validate
 
 __all__ = [
+    "RESULT_NAME",
     "ConfigError",
+    "Settings",
+    "TrainingState",
+    "read_result",
+    "write_result",
     "SeededCacheDataset",
     "StepMetrics",
     "StreamSampler",

@@ -1,39 +1,42 @@
-"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+"""Checkpoints: a :class:`TrainingState`, written atomically, read with ``weights_only=True``.
 
-A checkpoint is a plain dict of tensors, numbers, strings and containers (so the safe
-``weights_only`` loader reads it): model, optimizer, scheduler and aggregator state dicts, the
-random states of torch (CPU and CUDA), numpy and Python, the step/epoch counters, the best metric
-and the MLflow run id. numpy's random state is stored as a dict of a tensor and numbers because
-the safe loader refuses numpy arrays.
-
-Checkpoints are data. The configuration they hold is the *resolved* one (every expression and
-reference replaced by its plain value, :func:`resolved_config`), and :func:`restore_config` puts
-those values back as literals over the bundle's own ``train.json``: nothing read from a checkpoint
-is ever evaluated. Expressions that could not be resolved to data (``$@network_def.parameters()``)
-are listed in the checkpoint and must be the bundle's own text, and so must every ``_target_`` and
-other ``_key_`` (or, for ``_target_``, name a segmerge or ``torch.optim`` class).
+On disk a checkpoint is a plain dict of tensors, numbers, strings and containers (so the safe
+``weights_only`` loader reads it): :meth:`TrainingState.to_dict` writes, and
+:meth:`TrainingState.from_dict` reads, format 2 (and the format-1 checkpoints of older versions).
+The keys are the model, optimizer, scheduler and aggregator state dicts, the random states of
+torch (CPU and CUDA), numpy and Python (:mod:`segmerge.engine.rng`), the step/epoch counters, the
+best metric, the MLflow run id and the resolved configuration, which is data
+(:mod:`segmerge.engine.config_record`: nothing read from a checkpoint is ever evaluated).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from segmerge.atomic import atomic_destination
-from segmerge.overrides import interpretable, literal
+from segmerge.engine.config import ConfigError
+from segmerge.engine.config_record import (
+    changed_settings,
+    resolved_config,
+    restore_config,
+    stored_config,
+)
+from segmerge.engine.rng import rng_state, set_rng_state
+from segmerge.overrides import decode_literal
 
 CHECKPOINT_FORMAT = 2
 """2: ``config`` is the resolved configuration (JSON) plus ``config_expressions``; 1: raw config."""
 
 __all__ = [
+    "RESUME_MAY_CHANGE",
+    "TrainingState",
+    "check_resume_changes",
     "atomic_torch_save",
     "load_checkpoint",
     "rng_state",
@@ -45,6 +48,156 @@ __all__ = [
     "changed_settings",
     "CHECKPOINT_FORMAT",
 ]
+
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "epochs", "stop_after", "checkpoint_every", "log_every", "progress", "num_threads",
+    "num_workers", "device", "bundle_root", "output_dir", "cache_dir", "tracking_uri",
+    "experiment", "run_name", "weights", "cache_rate", "validation#sw_batch_size",
+    "dataset#phantoms#workers",
+    # follows epochs; the scheduler's own state (restored) keeps the T_max it ran with
+    "lr_scheduler#T_max",
+)  # fmt: skip
+"""Settings a resume may change (recorded in the run); any other change is refused: it would make
+the continued run differ from an uninterrupted one (aggregator, network, data, seed, lr...)."""
+
+
+def check_resume_changes(
+    state: Mapping[str, Any],
+    source: Any,
+    raw_config: Mapping[str, Any],
+    resolved: Mapping[str, Any],
+) -> dict[str, tuple[Any, Any]]:
+    """``{id: (checkpoint's, now)}`` of the settings that differ from the checkpoint's.
+
+    Args:
+        state: the loaded checkpoint; source: its path (messages).
+        raw_config: ``parser.get()`` now (compared with a format-1 checkpoint).
+        resolved: ``resolved_config(parser)[0]`` now (compared with a format-2 checkpoint).
+
+    Raises:
+        ConfigError: a change outside :data:`RESUME_MAY_CHANGE`.
+    """
+    stored = stored_config(state, source)
+    if int(state.get("format", 1)) >= 2:
+        now: Mapping[str, Any] = resolved
+    else:  # format 1 stored the raw configuration
+        raw = decode_literal(raw_config)
+        now = {k: v for k, v in raw.items() if k not in ("_comment", "imports")}
+        stored = {k: v for k, v in stored.items() if k not in ("_comment", "imports")}
+    changes = changed_settings(stored, now)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listing = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(refused.items()))
+        raise ConfigError(
+            f"--resume {source}: {listing} differ from the checkpoint's settings; "
+            "the continued run would not be the run it continues. Start a new training for "
+            f"that (a resume may change: {', '.join(RESUME_MAY_CHANGE)})"
+        )
+    return changes
+
+
+@dataclass
+class TrainingState:
+    """Everything a resume needs, one field per key of the checkpoint dict (same names).
+
+    Attributes:
+        model, optimizer, scheduler, aggregator, train_step, scaler, ogr, metrics, objectives:
+            the state dicts (``{}`` for an absent scheduler / scaler / objective draws).
+        rng: :func:`rng_state` at the step.
+        iteration: steps done; epoch: ``iteration // steps_per_epoch``.
+        best: ``{"metric", "epoch", "dice", "hd95"}`` of the best validation so far.
+        run_id, tracking_uri: the MLflow run.
+        config: the resolved configuration as JSON text (format 1: the raw configuration).
+        config_expressions: ids that kept their expression text; config_derived: ``{id:
+            expression}`` of values computed by an expression (see ``resolved_config``).
+        format: :data:`CHECKPOINT_FORMAT` when written by this version.
+    """
+
+    model: Mapping[str, Any]
+    optimizer: Mapping[str, Any]
+    aggregator: Mapping[str, Any]
+    train_step: Mapping[str, Any]
+    ogr: Mapping[str, Any]
+    rng: Mapping[str, Any]
+    iteration: int
+    best: Mapping[str, Any]
+    epoch: int = 0
+    scheduler: Mapping[str, Any] = field(default_factory=dict)
+    scaler: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    objectives: Mapping[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    config: Any = None
+    config_expressions: list[str] = field(default_factory=list)
+    config_derived: Mapping[str, str] = field(default_factory=dict)
+    format: int = CHECKPOINT_FORMAT
+
+    _REQUIRED = (
+        "model",
+        "optimizer",
+        "aggregator",
+        "train_step",
+        "ogr",
+        "rng",
+        "iteration",
+        "best",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint dict (format 2 keys, in the order this version has always written)."""
+        return {
+            "format": self.format,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "aggregator": self.aggregator,
+            "train_step": self.train_step,
+            "scaler": self.scaler,
+            "ogr": self.ogr,
+            "metrics": self.metrics,
+            "objectives": self.objectives,
+            "rng": self.rng,
+            "iteration": int(self.iteration),
+            "epoch": int(self.epoch),
+            "best": dict(self.best),
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "config": self.config,
+            "config_expressions": list(self.config_expressions),
+            "config_derived": dict(self.config_derived),
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any], source: str | os.PathLike) -> TrainingState:
+        """Read a loaded checkpoint dict (format 1 or 2); ``source`` names it in messages.
+
+        Raises:
+            ValueError: a key a resume needs is absent (``--resume <source>: ... holds no ...``).
+        """
+        if not isinstance(state.get("model"), Mapping):
+            raise ValueError(f"--resume {source}: the checkpoint holds no model weights")
+        for key in cls._REQUIRED:
+            if key not in state:
+                raise ValueError(
+                    f"--resume {source}: the checkpoint holds no {key!r}; it was not written by "
+                    "segmerge train and cannot be resumed"
+                )
+        optional = {
+            k: state[k]
+            for k in ("scheduler", "scaler", "metrics", "objectives", "run_id", "tracking_uri")
+            if state.get(k) is not None
+        }
+        return cls(
+            **{k: state[k] for k in cls._REQUIRED if k != "iteration"},
+            iteration=int(state["iteration"]),
+            epoch=int(state.get("epoch", 0)),
+            config=state.get("config"),
+            config_expressions=list(state.get("config_expressions") or []),
+            config_derived=dict(state.get("config_derived") or {}),
+            format=int(state.get("format", 1)),
+            **optional,
+        )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -97,235 +250,3 @@ def resolve_resume_path(path: str | os.PathLike) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"--resume {path}: no checkpoint at {p}")
     return p
-
-
-def rng_state() -> dict[str, Any]:
-    """Random states of torch, CUDA, numpy and Python as safe-loadable containers."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {"version": int(version), "state": list(internal), "gauss": py_gauss},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"].cpu())
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["kind"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["gauss"],
-        )
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------- configuration as data
-_SAFE_TARGET = re.compile(r"^(segmerge\.(nets|objectives|aggregation|data)|torch\.optim)(\.\w+)+$")
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-def resolved_config(parser: Any) -> tuple[dict[str, Any], list[str], dict[str, str]]:
-    """The configuration with every expression and reference replaced by its plain value.
-
-    Components (``_target_``) stay as configured; an expression whose value is not plain data
-    (``$@network_def.parameters()``) keeps its text and its id is listed. Resolving instantiates
-    what the expressions refer to, so every random state is saved and restored around it.
-
-    Args:
-        parser: a ``monai.bundle.ConfigParser`` (the trusted configuration).
-
-    Returns:
-        ``(config, kept, derived)``: plain JSON data; the ids that kept their expression text;
-        ``{id: expression text}`` of the ids whose value was computed by an expression (on resume
-        they are computed again by the bundle's own expression when it is the same text, so that
-        ``--bundle_root`` still moves ``output_dir``; otherwise the stored value is used).
-    """
-    kept: list[str] = []
-    derived: dict[str, str] = {}
-    saved = rng_state()
-
-    def walk(cid: str, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            return {k: walk(f"{cid}#{k}", v) for k, v in raw.items()}
-        if isinstance(raw, list):
-            return [walk(f"{cid}#{i}", v) for i, v in enumerate(raw)]
-        if interpretable(raw):
-            try:
-                value = parser.get_parsed_content(cid)
-            except Exception:  # an expression that needs runtime objects: keep its text
-                value = None
-                ok = False
-            else:
-                ok = _plain(value)
-            if ok:
-                derived[cid] = raw
-                return _to_json(value)
-            kept.append(cid)
-            return raw
-        return raw
-
-    try:
-        raw = parser.get()
-        out = {k: walk(k, v) for k, v in raw.items() if k not in ("_comment", "imports")}
-    finally:
-        set_rng_state(saved)
-    return out, kept, derived
-
-
-def stored_config(state: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
-    """The configuration dict a checkpoint holds (plain JSON), with a clear error if absent."""
-    text = state.get("config")
-    if text is None:
-        raise ValueError(
-            f"checkpoint {source} holds no training configuration ('config'): it was not written "
-            "by segmerge train and cannot be resumed"
-        )
-    try:
-        config = json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {source}: its configuration is not JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"checkpoint {source}: its configuration is not a JSON object")
-    return config
-
-
-_MISSING = object()
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def restore_config(parser: Any, state: Mapping[str, Any], source: str | os.PathLike) -> None:
-    """Put a checkpoint's configuration back over the trusted bundle configuration, as data.
-
-    Every plain value is set as a literal (:func:`segmerge.overrides.literal`), except a value the
-    bundle computes with the very expression that computed it in the stored run
-    (``config_derived``): the bundle's expression is kept. An expression (format 2: the ids listed
-    in ``config_expressions``; format 1: any ``$``/``@``/``%`` string) and every ``_key_`` must
-    equal the bundle's own at that id, else the checkpoint is refused.
-
-    Args:
-        parser: the trusted ``ConfigParser`` (``train.json`` of this bundle), updated in place.
-        state: the loaded checkpoint.
-        source: the checkpoint path, for messages.
-
-    Raises:
-        ValueError: naming the id, the offending value and the rule.
-    """
-    config = stored_config(state, source)
-    listed = state.get("config_expressions")
-    expressions = None if int(state.get("format", 1)) < 2 else set(listed or [])
-    derived = state.get("config_derived") or {}
-    derived = derived if isinstance(derived, dict) else {}
-    trusted = parser.get()
-
-    def refuse(cid: str, value: Any, what: str) -> ValueError:
-        return ValueError(
-            f"checkpoint {source}: config id {cid!r} holds {what} {_short(value)} that is not "
-            "this bundle's; checkpoints are data and segmerge never evaluates code read from "
-            "them (resume with the bundle that wrote it, or pass that config file with --config)"
-        )
-
-    def same_text(a: Any, b: Any) -> bool:  # MONAI rewrites "#" and "::" into each other
-        return (
-            isinstance(a, str)
-            and isinstance(b, str)
-            and a.replace("::", "#") == b.replace("::", "#")
-        )
-
-    def merge(cid: str, base: Any, value: Any) -> Any:
-        if cid in derived and base is not _MISSING and same_text(derived[cid], base):
-            return base  # the bundle's own expression computes it again (text compared only)
-        if isinstance(value, dict):
-            sub = base if isinstance(base, dict) else {}
-            out = {}
-            for k, v in value.items():
-                kid = f"{cid}#{k}"
-                if k.startswith("_") and k.endswith("_"):
-                    if sub.get(k, _MISSING) == v:
-                        out[k] = v
-                    elif k == "_target_" and isinstance(v, str) and _SAFE_TARGET.match(v):
-                        out[k] = v
-                    else:
-                        raise refuse(kid, v, f"the component key {k}")
-                    continue
-                out[k] = merge(kid, sub.get(k, _MISSING), v)
-            return out
-        if isinstance(value, list):
-            sub = base if isinstance(base, list) else []
-            return [
-                merge(f"{cid}#{i}", sub[i] if i < len(sub) else _MISSING, v)
-                for i, v in enumerate(value)
-            ]
-        is_expr = cid in expressions if expressions is not None else interpretable(value)
-        if is_expr:
-            if base is _MISSING or not same_text(base, value):
-                raise refuse(cid, value, "the expression")
-            return base
-        return literal(value)
-
-    for key, value in config.items():
-        if key in ("_comment", "imports"):
-            continue  # the bundle's own imports are used
-        parser[key] = merge(key, trusted.get(key, _MISSING), value)
-
-
-def _norm(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("::", "#")
-    if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
-    return value
-
-
-def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{id: (old, new)}`` for every leaf id whose value differs between two configurations."""
-    out: dict[str, tuple[Any, Any]] = {}
-
-    def walk(cid: str, a: Any, b: Any) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(f"{cid}#{k}" if cid else k, a.get(k, _MISSING), b.get(k, _MISSING))
-        elif _norm(a) != _norm(b):  # MONAI rewrites "#" and "::" in ids into each other
-            out[cid] = (None if a is _MISSING else a, None if b is _MISSING else b)
-
-    walk("", dict(old), dict(new))
-    return out

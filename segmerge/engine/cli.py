@@ -18,6 +18,10 @@ Exit status (see ``docs/reliability.md``):
   use by another training, an unusable tracking store, a checkpoint that cannot be resumed);
 - 130: interrupted (SIGINT/SIGTERM): a checkpoint is saved and the run marked KILLED; a second
   Ctrl-C stops at once, keeping the last checkpoint. ``--resume`` continues.
+
+When training ran (status 0 or 130), rank 0 writes the :class:`~segmerge.engine.result.TrainResult`
+as JSON to ``<output>/checkpoints/<run id>/result.json`` (atomically;
+:func:`segmerge.engine.result.read_result` reads it): ``compare`` reads it instead of the folders.
 """
 
 from __future__ import annotations
@@ -70,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_status
     if result.rank != 0:
         return 130 if result.interrupted else 0
+    from segmerge.engine.result import write_result
+
+    try:
+        write_result(result)
+    except OSError as err:
+        print(f"segmerge train: error: the result could not be written: {err}", file=sys.stderr)
+        return 1
     if result.interrupted:
         last = shlex.quote(str(result.checkpoint_dir / "last.pt"))
         abrupt = any(n.startswith("second interrupt") for n in result.notes)

@@ -17,7 +17,6 @@ otherwise the string typed; ``$``/``@``/``%`` values are evaluated by MONAI only
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,21 +28,13 @@ from monai.bundle import ConfigParser
 
 from segmerge.aggregation import AGGREGATORS, aggregator_config, aggregator_usage
 from segmerge.bundle_paths import config_dir
+from segmerge.conventions import suggest
 from segmerge.overrides import EXPRESSION_HELP, RULE_HELP, parse_value, to_config
 
 __all__ = [
-    "NAMED_OPTIONS",
-    "FLAGS",
-    "ConfigError",
-    "TrainOptions",
-    "default_config_dir",
-    "available_aggregators",
-    "parse_argv",
-    "load_config",
-    "config_ids",
-    "closest",
-    "usage",
-]
+    "NAMED_OPTIONS", "FLAGS", "ConfigError", "TrainOptions", "default_config_dir",
+    "available_aggregators", "parse_argv", "load_config", "config_ids", "closest", "usage",
+]  # fmt: skip
 
 # named option -> config id (``None``: handled by the engine, not a config id)
 NAMED_OPTIONS: dict[str, str | None] = {
@@ -75,14 +66,8 @@ NAMED_OPTIONS: dict[str, str | None] = {
 """Named command-line options (dashes or underscores) and the config id each one sets."""
 
 FLAGS: tuple[str, ...] = (
-    "amp",
-    "skip_invalid",
-    "allow_missing",
-    "resection_cavity",
-    "continue_run",
-    "help",
-    "expr",
-)
+    "amp", "skip_invalid", "allow_missing", "resection_cavity", "continue_run", "help", "expr",
+)  # fmt: skip
 """Options that take no value (their presence means ``True``)."""
 
 _HELP = {
@@ -153,9 +138,9 @@ def available_aggregators(config_dir: Path | None = None) -> list[str]:
 
 
 def closest(word: str, candidates: Sequence[str]) -> str:
-    """`` (did you mean '<x>'?)`` for the closest candidate, or an empty string."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """`` (did you mean '<x>'?)`` for the closest candidate, or an empty string
+    (:func:`segmerge.conventions.suggest` with this module's cutoff, 0.5)."""
+    return suggest(word, candidates, cutoff=0.5)
 
 
 def parse_argv(argv: Sequence[str]) -> TrainOptions:

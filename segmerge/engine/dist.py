@@ -6,12 +6,13 @@ so the same code runs in one process and under ``torchrun`` (gloo on CPU, NCCL o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["active", "all_reduce", "barrier", "broadcast_object", "rank_world"]
+__all__ = ["active", "all_reduce", "barrier", "broadcast_object", "init_from_env", "rank_world"]
 
 
 def active() -> bool:
@@ -46,3 +47,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def init_from_env(device: str) -> bool:
+    """Under torchrun (``$WORLD_SIZE`` > 1) start the process group if none is running: NCCL
+    (on ``cuda:$LOCAL_RANK``) when ``device`` is ``cuda...`` or ``auto`` with CUDA, else gloo.
+    Returns whether this call started it (the caller then destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True

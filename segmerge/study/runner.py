@@ -598,22 +598,23 @@ class Study:
         t0 = time.perf_counter()
         code = self._subprocess((method, seed), cmd, log_path, env)
         seconds = time.perf_counter() - t0
-        runs = self._run_ids(method, seed)
-        run_id = runs[0] if len(runs) == 1 else None
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
             raise RuntimeError(
                 f"training exited with status {code} after {seconds:.0f} s; last lines of "
                 f"{log_path}:\n    " + "\n    ".join(tail),
             )
-        if run_id is None:
-            raise RuntimeError(
-                f"training finished but no single run folder in {folder}/checkpoints"
-            )
+        from segmerge.engine.result import find_result, read_result
+
+        result_path = find_result(folder)  # what segmerge train says it produced
+        if result_path is None:
+            raise RuntimeError(f"training finished but wrote no result in {folder}/checkpoints")
+        result = read_result(result_path)
         record = {
             "method": method,
             "seed": seed,
-            "run_id": run_id,
+            "run_id": result.run_id,
+            "result": str(result_path),
             "train_seconds": seconds,
             "command": cmd,
             "device": device,
@@ -623,38 +624,51 @@ class Study:
         atomic_write_json(folder / "train.json", record)
         return record
 
-    def _trained_config(self, folder: Path, run_id: str) -> tuple[dict[str, Any], int, int, str]:
+    def _trained_config(
+        self, folder: Path, run_id: str, result_path: str | None = None
+    ) -> tuple[dict[str, Any], int, int, str]:
         """Network definition, patch size, ET label and device of the trained run.
 
-        Read as data from the checkpoint's resolved configuration (format 2): nothing in it is
-        evaluated, and a value that is still an expression, or a ``_target_`` outside segmerge's
-        networks, is refused (a checkpoint on disk must never run code).
+        Read as data from the training's result (``result.json``, written by ``segmerge train``;
+        a study trained by a version that wrote none: the checkpoint's resolved configuration,
+        format 2): nothing in it is evaluated, and a value that is still an expression, or a
+        ``_target_`` outside segmerge's networks, is refused (a file on disk must never run code).
         """
-        from segmerge.engine import load_checkpoint
+        from segmerge.engine import load_checkpoint, read_result
         from segmerge.engine.checkpoint import stored_config
         from segmerge.overrides import find_expression
 
-        ckpt = folder / "checkpoints" / run_id / "last.pt"
-        config = stored_config(load_checkpoint(ckpt), ckpt)
-        dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
-        values = {
-            "network_def": config.get("network_def"),
-            "patch_size": config.get("patch_size"),
-            "dataset#et_label": dataset.get("et_label", 4),
-            "device": config.get("device", "cpu"),
-        }
+        if result_path is not None:
+            source: Path = Path(result_path)
+            result = read_result(source)
+            values = {
+                "network_def": result.network_def,
+                "patch_size": result.patch_size,
+                "dataset#et_label": result.et_label,
+                "device": result.device or "cpu",
+            }
+        else:
+            source = folder / "checkpoints" / run_id / "last.pt"
+            config = stored_config(load_checkpoint(source), source)
+            dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+            values = {
+                "network_def": config.get("network_def"),
+                "patch_size": config.get("patch_size"),
+                "dataset#et_label": dataset.get("et_label", 4),
+                "device": config.get("device", "cpu"),
+            }
         for cid, value in values.items():
             bad = find_expression(value)
             if bad is not None:
                 raise ValueError(
-                    f"checkpoint {ckpt}: '{cid}' holds {bad!r}, an expression; the study reads "
-                    "checkpoints as data only (train it again with this version of segmerge)"
+                    f"{source}: '{cid}' holds {bad!r}, an expression; the study reads "
+                    "training results as data only (train it again with this version of segmerge)"
                 )
         network_def = values["network_def"]
         target = network_def.get("_target_") if isinstance(network_def, dict) else None
         if not isinstance(target, str) or not target.startswith("segmerge.nets."):
             raise ValueError(
-                f"checkpoint {ckpt}: 'network_def#_target_' is {target!r}; expected a network "
+                f"{source}: 'network_def#_target_' is {target!r}; expected a network "
                 "of segmerge.nets"
             )
         patch = values["patch_size"]
@@ -662,11 +676,12 @@ class Study:
         return dict(network_def), int(patch), int(values["dataset#et_label"]), str(values["device"])
 
     def _evaluate(
-        self, method: str, seed: int, run_id: str, device: str | None
+        self, method: str, seed: int, run_id: str, device: str | None, result: str | None = None
     ) -> EvaluationResult:
-        """Score the trained weights in a ``python -m segmerge.study.evaluation`` subprocess."""
+        """Score the trained weights in a ``python -m segmerge.study.evaluation`` subprocess
+        (``result``: the training's ``result.json``)."""
         folder = self.run_dir(method, seed)
-        network_def, patch, et_label, trained_on = self._trained_config(folder, run_id)
+        network_def, patch, et_label, trained_on = self._trained_config(folder, run_id, result)
         ev = self.s.budget.evaluation
         out_dir = folder / "evaluation"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -743,7 +758,7 @@ class Study:
                 f"on {self.n_val} validation case(s)"
             )
             t0 = time.perf_counter()
-            evaluation = self._evaluate(method, seed, run_id, device)
+            evaluation = self._evaluate(method, seed, run_id, device, train.get("result"))
             eval_seconds = time.perf_counter() - t0
             stage = "MLflow logging"
             self._tag_and_log(method, seed, run_id, evaluation)
