@@ -47,6 +47,7 @@ from segmerge.prepare.registration import (
     n4_correct,
     register,
     resample,
+    resample_labels,
 )
 
 SIDECAR = "prepare"
@@ -259,7 +260,7 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
     t = time.perf_counter()
     grid = isotropic_grid(ref, opts.spacing)
     on_grid = {k: resample(images[k], grid, transforms[k]) for k in seqs}
-    seg_grid = resample(seg, grid, nearest=True) if seg is not None else None
+    seg_grid = resample_labels(seg, grid) if seg is not None else None
     del images
     seconds["resample"] = time.perf_counter() - t
 

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from segmerge.data.anatomy import TEMPLATE_FILES, template_dir
-from segmerge.prepare.registration import RegistrationResult, register
+from segmerge.prepare.registration import RegistrationResult, register, sampler_seed
 
 _BRAIN_THRESHOLD = 0.2
 TEMPLATE_SPACING_MM = 2.0
@@ -129,7 +129,7 @@ def _bspline(
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, seed)
+    reg.SetMetricSamplingPercentage(0.1, sampler_seed(seed))
     reg.SetMetricMovingMask(roi)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=30)
