@@ -27,7 +27,9 @@ The rules (each test names ``file:line`` of every breach):
     ``self._aggregator``, ``step.agg``), case-insensitive.
 
 (c) **Size.** No file in ``segmerge/engine`` over :data:`MAX_ENGINE_FILE_LINES` lines; no class
-    anywhere in ``segmerge`` over :data:`MAX_CLASS_LINES` lines (decorators to last line).
+    anywhere in ``segmerge`` over :data:`MAX_CLASS_LINES` lines (decorators to last line), except
+    the classes already larger when the check was written (:data:`OVERSIZED_CLASSES`): each
+    may not grow past its size then, and leaves the list once it fits.
 """
 
 from __future__ import annotations
@@ -159,8 +161,15 @@ def aggregator_getattr_breaches(paths: list[Path]) -> list[str]:
     return breaches
 
 
-def size_breaches(engine_files: list[Path], package_files: list[Path]) -> list[str]:
-    """``file:line: ...`` for every engine file and every class over its line limit."""
+def size_breaches(
+    engine_files: list[Path], package_files: list[Path], ceilings: dict[str, int] | None = None
+) -> list[str]:
+    """``file:line: ...`` for every engine file and every class over its line limit.
+
+    ``ceilings`` (``"file::Class"`` → lines) raises the limit of the classes it names; an entry
+    whose class is within :data:`MAX_CLASS_LINES` (or gone) is a breach too, so it is removed.
+    """
+    ceilings = dict(ceilings or {})
     breaches = []
     for path in engine_files:
         n = len(path.read_text(encoding="utf-8").splitlines())
@@ -168,17 +177,27 @@ def size_breaches(engine_files: list[Path], package_files: list[Path]) -> list[s
             breaches.append(
                 f"{path.relative_to(ROOT)}:1: {n} lines (engine files: at most {MAX_ENGINE_FILE_LINES})"
             )
+    oversized = set()
     for path in package_files:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 n = node.end_lineno - start + 1
+                key = f"{path.relative_to(ROOT)}::{node.name}"
                 if n > MAX_CLASS_LINES:
+                    oversized.add(key)
+                limit = max(MAX_CLASS_LINES, ceilings.get(key, 0))
+                if n > limit:
                     breaches.append(
                         f"{path.relative_to(ROOT)}:{node.lineno}: class {node.name} is {n} lines "
-                        f"(at most {MAX_CLASS_LINES})"
+                        f"(at most {limit})"
                     )
+    breaches += [
+        f"{key.split('::')[0]}:1: class {key.split('::')[1]} is now within {MAX_CLASS_LINES} "
+        "lines or gone: remove its entry from OVERSIZED_CLASSES"
+        for key in sorted(ceilings.keys() - oversized)
+    ]
     return breaches
 
 
@@ -190,6 +209,22 @@ def test_no_private_import_across_packages():
 def test_no_getattr_on_aggregators_outside_aggregation():
     breaches = aggregator_getattr_breaches(_files(*SCANNED))
     assert not breaches, "getattr on an aggregator:\n" + "\n".join(breaches)
+
+
+# Classes over MAX_CLASS_LINES when check (c) was written (issue 11), each with its line count
+# then as a ceiling: they may shrink, never grow; an entry that fits under the limit (or is gone)
+# fails the test too, so that it is removed from this list. Every other class: MAX_CLASS_LINES.
+OVERSIZED_CLASSES: dict[str, int] = {
+    "segmerge/inference/predictor.py::BratsPredictor": 320,
+    "segmerge/objectives/objective_set.py::ObjectiveSet": 452,
+    "segmerge/step/_train_step.py::TrainStep": 489,
+    "segmerge/study/runner.py::Study": 707,
+}
+
+
+def test_engine_files_and_classes_stay_small():
+    breaches = size_breaches(_files("segmerge/engine"), _files("segmerge"), OVERSIZED_CLASSES)
+    assert not breaches, "too large:\n" + "\n".join(breaches)
 
 
 # The checks above must be able to fail: each finds the breach planted in a scratch tree.
@@ -270,3 +305,13 @@ def test_the_size_rule_flags_long_engine_files_and_long_classes(scratch):
     assert found[0].startswith(f"segmerge/engine/t.py:1: {MAX_ENGINE_FILE_LINES + 1} lines")
     assert found[1].startswith(f"segmerge/nets/n.py:2: class Big is {MAX_CLASS_LINES + 2} lines")
     assert len(found) == 2
+    # a ceiling lets a listed class be as large as it was, not larger; a stale entry is named
+    at_ceiling = {"segmerge/nets/n.py::Big": MAX_CLASS_LINES + 2}
+    assert size_breaches([], [big], at_ceiling) == []
+    below = {"segmerge/nets/n.py::Big": MAX_CLASS_LINES + 1}
+    assert size_breaches([], [big], below) == [
+        f"segmerge/nets/n.py:2: class Big is {MAX_CLASS_LINES + 2} lines (at most {MAX_CLASS_LINES + 1})"
+    ]
+    stale = {"segmerge/nets/n.py::Small": 400}
+    (msg,) = [b for b in size_breaches([], [big], {**at_ceiling, **stale}) if "Small" in b]
+    assert "remove its entry from OVERSIZED_CLASSES" in msg
