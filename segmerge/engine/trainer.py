@@ -62,16 +62,11 @@ from segmerge.engine.training_data import (
 )
 
 __all__ = [
-    "RESUME_MAY_CHANGE",
-    "Trainer",
-    "TrainingFailed",
-    "TrainResult",
-    "dataset_location",
-    "format_summary",
-    "phantom_cache_path",
-    "phantom_spec",
-    "train",
-]
+    "RESUME_MAY_CHANGE", "Trainer", "TrainingFailed", "TrainResult", "dataset_location",
+    "format_summary", "phantom_cache_path", "phantom_spec", "train",
+]  # fmt: skip
+"""``RESUME_MAY_CHANGE``, ``TrainResult``, ``TrainingFailed``, ``format_summary`` and the dataset
+helpers live in their modules (``checkpoint``, ``result``, ``training_data``), named here too."""
 
 
 class Trainer:
