@@ -10,6 +10,17 @@ Structure (parameter-name prefixes in brackets, so reach and the shared mask rea
     every conv block normalises with modality m's own layer [...norm1.<m>, ...norm2.<m>]
     fusion:   fused.d<l> = sum_m a_m z_m,l / max(1, sum_m a_m)    (mean of the AVAILABLE logits)
 
+``fusion="features"`` (HeMIS / RFNet-style mean fusion) fuses earlier: the shared encoder runs
+once per modality, every skip feature and the bottleneck are fused by the same masked mean
+``f_l = sum_m a_m e_m,l / max(1, sum_m a_m)``, and ONE shared decoder (one normalisation layer,
+key ``fused``: every decoder parameter is shared) runs on the fused features. ``modality.<m>``
+is then the decoder run on modality m's features alone (the singleton subset's head), and
+``fused.d<l>`` is the full set's. The train-mode dict (:class:`SubsetHeads`) also decodes any
+other subset on request (``subset_logits``), from the encoder features already computed:
+``ObjectiveSet(subsets=...)`` uses it, so K subsets cost one encoder pass per modality and K
+decoder passes, never K forwards. Reach stays exact: a subset's row reaches the encoder
+normalisation of its own modalities only, and the decoder from every subset.
+
 Only the normalisation layers (their affine weights, running statistics for batch norm) are
 modality-specific; every convolution and head is shared. The modalities are run as separate
 branches rather than folded into one batch: a folded convolution would put every modality's
@@ -21,12 +32,12 @@ same FLOPs.
 Train mode returns ``fused.d<l>`` (l < deep_supervision) and ``modality.<m>`` /
 ``modality.<m>.d<l>`` by name; eval mode returns ``fused.d0`` only (no coarser heads). With
 ``ObjectiveSet(subsets=...)`` the per-modality logits are re-fused per subset without another
-forward.
+forward (with ``fusion="features"``: the decoder is rerun per subset, see above).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.blocks.dynunet_block import get_conv_layer
@@ -41,15 +52,20 @@ from segmerge.nets._common import (
     init_contract,
 )
 from segmerge.nets._onednn import use_onednn_convs
+from segmerge.objectives.names import FUSED, SUBSET, format_objective
 
-__all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "fuse_logits"]
+__all__ = ["SharedModalityUNet", "SharedBlock", "SharedUp", "SubsetHeads", "fuse_logits"]
 
 STEMS = ("conv", "block")
-FUSIONS = ("logits",)
+FUSIONS = ("logits", "features")
+FUSED_NORM = "fused"
+"""Key of the decoder's one normalisation layer with ``fusion="features"`` (no modality's)."""
 
 
 def fuse_logits(per_modality: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Mean of the available modalities' logits: ``sum_m a_m z_m / max(1, sum_m a_m)``.
+
+    Also the feature fusion of ``fusion="features"`` (any ``(B, C, ...)`` tensors).
 
     ``torch.where`` (not a product) so that an unavailable modality's logits, even non-finite,
     contribute exactly nothing; a sample with nothing available gets zero logits.
@@ -160,6 +176,50 @@ class SharedUp(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1), modality)
 
 
+class SubsetHeads(dict):
+    """Train-mode heads of a ``fusion="features"`` network: a plain ``{name: logits}`` dict that
+    can also decode any modality subset from the encoder features of the same forward pass.
+
+    ``subset_logits(subset)`` returns ``{depth: logits}`` for the decoder run on the masked mean
+    of the subset's features (availability from the forward pass); the full set and singletons
+    are the ``fused.d<l>`` / ``modality.<m>[.d<l>]`` heads already there, any other subset costs
+    one decoder pass and is stored in the dict as ``subset.<S>[.d<l>]`` (so a caller that takes
+    the dict's tensors as the network's outputs, e.g. ``TrainStep(jacobian="outputs")``, sees
+    every tensor the rows are computed from). ObjectiveSet uses it for subset rows.
+    """
+
+    def __init__(
+        self,
+        heads: dict[str, torch.Tensor],
+        modalities: Sequence[str],
+        decode: Callable[[list[int]], list[torch.Tensor]],
+    ) -> None:
+        super().__init__(heads)
+        self.modalities = tuple(modalities)
+        self._decode = decode
+
+    def subset_logits(self, subset: Sequence[str]) -> dict[int, torch.Tensor]:
+        """``{depth: (B, C, ...) logits}`` of the prediction fused from ``subset`` alone."""
+        unknown = [m for m in subset if m not in self.modalities]
+        if not subset or unknown:
+            raise ValueError(
+                f"subset {tuple(subset)!r} must be a non-empty set of {self.modalities}"
+            )
+        idx = sorted({self.modalities.index(m) for m in subset})
+        depths = [int(k.rsplit(".d", 1)[1]) for k in self if k.startswith(FUSED + ".d")]
+        if len(idx) == len(self.modalities):
+            return {d: self[f"{FUSED}.d{d}"] for d in depths}
+        if len(idx) == 1:
+            m = self.modalities[idx[0]]
+            return {d: self[f"modality.{m}" + (f".d{d}" if d else "")] for d in depths}
+        mods = [self.modalities[i] for i in idx]
+        names = {d: format_objective(SUBSET, mods, d, self.modalities) for d in depths}
+        if names[depths[0]] not in self:
+            for d, logits in enumerate(self._decode(idx)):
+                self[names[d]] = logits
+        return {d: self[names[d]] for d in depths}
+
+
 class SharedModalityUNet(ContractNet):
     """Deep-supervised 3D U-Net shared by all modalities, modality-specific normalisation.
 
@@ -185,7 +245,10 @@ class SharedModalityUNet(ContractNet):
             norm with affine parameters (the modality-specific parameters: without affine ones
             every parameter is shared). A JSON list ``["instance", {"affine": true}]`` works too.
         dropout: dropout probability after each activation. Default 0.
-        fusion: ``"logits"``: mean of the available modalities' logits (the GMD paper's).
+        fusion: ``"logits"``: mean of the available modalities' logits (the GMD paper's);
+            ``"features"``: mean of the available modalities' encoder features at every level,
+            one shared decoder on the fused features (HeMIS / RFNet-style; train mode returns
+            :class:`SubsetHeads`). Default ``"logits"``.
         stem: level 0 as ``"conv"`` (one conv, the cheap default) or ``"block"`` (two convs).
         act: MONAI activation spec. Default leaky ReLU (slope 0.01).
     """
@@ -216,6 +279,11 @@ class SharedModalityUNet(ContractNet):
         for m in self.modalities:
             if "." in m or "+" in m:
                 raise ValueError(f"modality name {m!r} must not contain '.' or '+'")
+        if fusion == "features" and FUSED_NORM in self.modalities:
+            raise ValueError(
+                f"fusion='features': modality name {FUSED_NORM!r} is the decoder's own "
+                "normalisation key; rename that modality"
+            )
         feats = self.features
         depth = len(feats) - 1
         drop = float(dropout)
@@ -231,9 +299,12 @@ class SharedModalityUNet(ContractNet):
             )
             in_ch = width
         self.encoder = nn.ModuleList(blocks)
-        # decoder[i] goes from level depth-i to level depth-i-1 (coarsest first)
+        # decoder[i] goes from level depth-i to level depth-i-1 (coarsest first); with feature
+        # fusion it runs on fused features: one normalisation layer, shared like the convolutions
+        self.dec_key = FUSED_NORM if fusion == "features" else ""
+        dec_mods = (FUSED_NORM,) if fusion == "features" else self.modalities
         self.decoder = nn.ModuleList(
-            SharedUp(feats[level + 1], feats[level], self.modalities, norm, act, drop)
+            SharedUp(feats[level + 1], feats[level], dec_mods, norm, act, drop)
             for level in range(depth - 1, -1, -1)
         )
         self.heads = fused_heads(feats, self.deep_supervision, self.out_channels)
@@ -250,7 +321,12 @@ class SharedModalityUNet(ContractNet):
     @property
     @torch.jit.unused
     def derived_outputs(self) -> tuple[str, ...]:
-        """Train-mode outputs computed from other outputs (``fused.d*``: means of ``modality.*``)."""
+        """Train-mode outputs computed from other outputs (``fused.d*``: means of ``modality.*``).
+
+        None with ``fusion="features"``: every head is the decoder's own output.
+        """
+        if self.fusion == "features":
+            return ()
         return tuple(f"fused.d{d}" for d in range(self.deep_supervision))
 
     @torch.jit.unused
@@ -269,22 +345,30 @@ class SharedModalityUNet(ContractNet):
         groups.update({f"norm.{m}": [] for m in self.modalities})
         for name, _ in self.named_parameters():
             parts = name.split(".")
-            hit = [p for i, p in enumerate(parts[1:], 1) if parts[i - 1] in ("norm1", "norm2")]
+            hit = [
+                p for i, p in enumerate(parts[1:], 1)
+                if parts[i - 1] in ("norm1", "norm2") and p in self.modalities
+            ]  # fmt: skip
             groups[f"norm.{hit[0]}" if hit else "shared"].append(name)
         return groups
 
     # ------------------------------------------------------------------ forward
-    def _branch(self, x: torch.Tensor, modality: str, n_heads: int) -> list[torch.Tensor]:
-        """One modality through the shared U-Net: head logits at depths ``0 .. n_heads-1``."""
-        skips: list[torch.Tensor] = []
+    def _encode(self, x: torch.Tensor, modality: str) -> list[torch.Tensor]:
+        """One modality through the shared encoder: its features at every level (skips, bottleneck)."""
+        feats: list[torch.Tensor] = []
         h = x
         for block in self.encoder:
             h = block(h, modality)
-            skips.append(h)
-        level = len(skips) - 2
+            feats.append(h)
+        return feats
+
+    def _decode(self, feats: list[torch.Tensor], key: str, n_heads: int) -> list[torch.Tensor]:
+        """The shared decoder on encoder features (``key``: its normalisation layers' name)."""
+        h = feats[-1]
+        level = len(feats) - 2
         dec: list[torch.Tensor] = []
         for up in self.decoder:
-            h = up(h, skips[level], modality)
+            h = up(h, feats[level], key)
             dec.insert(0, h)
             level -= 1
         out: list[torch.Tensor] = []
@@ -293,9 +377,19 @@ class SharedModalityUNet(ContractNet):
                 out.append(head(dec[depth]))
         return out
 
+    def _fuse_decode(
+        self, feats: list[list[torch.Tensor]], mask: torch.Tensor, idx: list[int], n_heads: int
+    ) -> list[torch.Tensor]:
+        """Decoder on the masked mean of modalities ``idx``' features at every level."""
+        sel = mask[:, idx]
+        fused = [fuse_logits([feats[i][lvl] for i in idx], sel) for lvl in range(len(feats[0]))]
+        return self._decode(fused, self.dec_key, n_heads)
+
     def _run(
         self, x: torch.Tensor, available: torch.Tensor | None, n_heads: int
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Availability mask and, per modality, its head logits (logit fusion) or its encoder
+        features (feature fusion; ``n_heads`` unused)."""
         self._check(x)
         mask = self._mask(x, available)
         run = [True for _ in self.mod_list]
@@ -306,13 +400,15 @@ class SharedModalityUNet(ContractNet):
             run = mask.any(dim=0).tolist()
             if not any(run):
                 run[0] = True
+        features = self.fusion == "features"
         per_mod: list[list[torch.Tensor]] = []
         done: list[torch.Tensor] = []
         for idx, m in enumerate(self.mod_list):
             if run[idx]:
                 # zeroed where unavailable: a missing channel (even NaN) cannot reach a gradient
                 xm = x[:, idx : idx + 1].masked_fill(~mask[:, idx].view(-1, 1, 1, 1, 1), 0.0)
-                per_mod.append(self._branch(xm, m, n_heads))
+                enc = self._encode(xm, m)
+                per_mod.append(enc if features else self._decode(enc, m, n_heads))
                 done = per_mod[-1]
             else:
                 per_mod.append([])
@@ -326,16 +422,38 @@ class SharedModalityUNet(ContractNet):
     ) -> dict[str, torch.Tensor]:
         """Every head's logits by name, whatever the mode (see the class docstring)."""
         mask, per_mod = self._run(x, available, self.deep_supervision)
+        n = self.deep_supervision
+        if self.fusion == "features":
+            full = self._fuse_decode(per_mod, mask, list(range(len(self.mod_list))), n)
+            single = [self._fuse_decode(per_mod, mask, [i], n) for i in range(len(self.mod_list))]
+        else:
+            full = [fuse_logits([p[depth] for p in per_mod], mask) for depth in range(n)]
+            single = per_mod
         out: dict[str, torch.Tensor] = {}
-        for depth in range(self.deep_supervision):
-            out["fused.d" + str(depth)] = fuse_logits([p[depth] for p in per_mod], mask)
-        for depth in range(self.deep_supervision):
+        for depth in range(n):
+            out["fused.d" + str(depth)] = full[depth]
+        for depth in range(n):
             suffix = ".d" + str(depth) if depth > 0 else ""
             for idx, m in enumerate(self.mod_list):
-                out["modality." + m + suffix] = per_mod[idx][depth]
+                out["modality." + m + suffix] = single[idx][depth]
+        if self.fusion == "features" and not torch.jit.is_scripting():
+            return self._subset_heads(out, per_mod, mask)
         return out
+
+    @torch.jit.unused
+    def _subset_heads(
+        self, out: dict[str, torch.Tensor], feats: list[list[torch.Tensor]], mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``out`` as :class:`SubsetHeads`, decoding further subsets from ``feats`` on request."""
+
+        def decode(idx: list[int]) -> list[torch.Tensor]:
+            return self._fuse_decode(feats, mask, idx, self.deep_supervision)
+
+        return SubsetHeads(out, self.mod_list, decode)
 
     def _forward_eval(self, x: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
         """Eval mode: the fused full-resolution logits ``fused.d0`` alone."""
         mask, per_mod = self._run(x, available, 1)
+        if self.fusion == "features":
+            return self._fuse_decode(per_mod, mask, list(range(len(self.mod_list))), 1)[0]
         return fuse_logits([p[0] for p in per_mod], mask)

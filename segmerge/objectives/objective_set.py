@@ -311,6 +311,8 @@ class ObjectiveSet:
                 raise ValueError(f"output {name!r}: {err}") from None
             if parsed.kind == FUSED:
                 depths.append(parsed.depth)
+            elif parsed.kind == SUBSET and hasattr(outputs, "subset_logits"):
+                continue  # a feature-fusion network's subset heads decoded by an earlier call
             elif parsed.kind == MODALITY:
                 m = parsed.modalities[0]
                 if m not in self.modalities:
@@ -437,47 +439,17 @@ class ObjectiveSet:
         column: Any,
         weighted: bool,
     ) -> list[tuple[str, torch.Tensor]]:
-        """Rows ``subset.<S>[.d<l>]``: the loss of the availability-masked mean of S's logits."""
+        """Rows ``subset.<S>[.d<l>]``: the loss of the prediction fused from S (module docstring)."""
         rows: list[tuple[str, torch.Tensor]] = []
         weights = self.depth_weight_values(list(depths)) if weighted else [1.0] * len(depths)
         for d, w in zip(depths, weights):
-            logits = {m: outputs[format_objective(MODALITY, (m,), d)] for m in self.modalities}
-            device = next(iter(logits.values())).device
-            cols = {m: column(m, device) for m in self.modalities}
-            # masked logits a_m z_m once per modality; partial sums shared along each subset's
-            # prefix (flair+t1 reuses flair's), so the 15 subsets cost 15 additions in all
-            masked: dict[str, torch.Tensor] = {}
-            for m, z in logits.items():
-                col = cols[m]
-                masked[m] = (
-                    z
-                    if col is None
-                    else torch.where(col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z))
-                )
-            sums: dict[tuple[str, ...], torch.Tensor] = {}
-            counts: dict[tuple[str, ...], torch.Tensor | None] = {}
-            for subset in subsets:
-                for end in range(1, len(subset) + 1):
-                    key = subset[:end]
-                    if key in sums:
-                        continue
-                    m = key[-1]
-                    col = cols[m]
-                    if end == 1:
-                        sums[key] = masked[m]
-                        counts[key] = None if col is None else col.to(masked[m].dtype)
-                    else:
-                        sums[key] = sums[key[:-1]] + masked[m]
-                        prev = counts[key[:-1]]
-                        counts[key] = None if col is None else prev + col.to(prev.dtype)
-            for subset in subsets:
-                count = counts[subset]
+            z = outputs[format_objective(MODALITY, (self.modalities[0],), d)]
+            cols = {m: column(m, z.device) for m in self.modalities}
+            fuse = _decoded_subsets if hasattr(outputs, "subset_logits") else _refused_subsets
+            for subset, (fused, count) in fuse(outputs, subsets, d, cols).items():
                 if count is None:
-                    fused = sums[subset] / len(subset) if len(subset) > 1 else sums[subset]
                     row = per_sample(fused).mean()
                 else:
-                    shape = (-1, *([1] * (sums[subset].dim() - 1)))
-                    fused = sums[subset] / count.clamp(min=1).view(shape)
                     loss = per_sample(fused)
                     seen = count > 0  # samples where at least one modality of S is available
                     total = torch.where(seen, loss, torch.zeros_like(loss)).sum()
@@ -544,12 +516,89 @@ class ObjectiveSet:
         """
         if isinstance(outputs, torch.Tensor):
             outputs = {f"{FUSED}.d0": outputs}
-        heads = {n: t for n, t in outputs.items() if parse_objective(n).depth == 0}
+        heads = {}
+        for n, t in outputs.items():
+            parsed = parse_objective(n)
+            if parsed.depth == 0 and parsed.kind != SUBSET:  # not a decoded subset's head
+                heads[n] = t
         rows = self._rows(
             heads, target, available, present, weighted=False, fused_depths=(0,),
             use_subsets=False,
         )  # fmt: skip
         return {(FUSED if n.startswith(FUSED) else n.split(".", 1)[1]): r for n, r in rows}
+
+
+SubsetLogits = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None]]
+"""Per subset: its fused logits and the per-sample count of its available modalities (None:
+every modality available in every sample)."""
+
+
+def _subset_counts(
+    subsets: Sequence[tuple[str, ...]], cols: Mapping[str, torch.Tensor | None], dtype: torch.dtype
+) -> dict[tuple[str, ...], torch.Tensor | None]:
+    """Per subset, ``sum_{m in S} a_m`` per sample (None without a mask); prefixes shared."""
+    counts: dict[tuple[str, ...], torch.Tensor | None] = {}
+    for subset in subsets:
+        for end in range(1, len(subset) + 1):
+            key = subset[:end]
+            if key not in counts:
+                col = cols[key[-1]]
+                prev = counts[key[:-1]] if end > 1 else None
+                if col is None:
+                    counts[key] = None
+                else:
+                    counts[key] = col.to(dtype) if prev is None else prev + col.to(dtype)
+    return {s: counts[s] for s in subsets}
+
+
+def _refused_subsets(
+    outputs: Mapping[str, torch.Tensor],
+    subsets: Sequence[tuple[str, ...]],
+    depth: int,
+    cols: Mapping[str, torch.Tensor | None],
+) -> SubsetLogits:
+    """Logit fusion: ``z_S = sum_{m in S} a_m z_m / max(1, sum_{m in S} a_m)`` from the
+    ``modality.<m>`` heads; masked logits once per modality, partial sums shared along each
+    subset's prefix (flair+t1 reuses flair's), so the 15 subsets cost 15 additions in all."""
+    masked: dict[str, torch.Tensor] = {}
+    for m, col in cols.items():
+        z = outputs[format_objective(MODALITY, (m,), depth)]
+        masked[m] = (
+            z
+            if col is None
+            else torch.where(col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z))
+        )
+    sums: dict[tuple[str, ...], torch.Tensor] = {}
+    for subset in subsets:
+        for end in range(1, len(subset) + 1):
+            key = subset[:end]
+            if key not in sums:
+                sums[key] = masked[key[-1]] if end == 1 else sums[key[:-1]] + masked[key[-1]]
+    counts = _subset_counts(subsets, cols, next(iter(masked.values())).dtype)
+    out: SubsetLogits = {}
+    for subset in subsets:
+        count = counts[subset]
+        if count is None:
+            fused = sums[subset] / len(subset) if len(subset) > 1 else sums[subset]
+        else:
+            shape = (-1, *([1] * (sums[subset].dim() - 1)))
+            fused = sums[subset] / count.clamp(min=1).view(shape)
+        out[subset] = (fused, count)
+    return out
+
+
+def _decoded_subsets(
+    outputs: Mapping[str, torch.Tensor],
+    subsets: Sequence[tuple[str, ...]],
+    depth: int,
+    cols: Mapping[str, torch.Tensor | None],
+) -> SubsetLogits:
+    """Feature fusion (``SharedModalityUNet(fusion="features")``'s ``SubsetHeads``): the
+    network's decoder on the masked mean of S's encoder features, one decoder pass per subset
+    (the full set and singletons are heads already), the encoders not rerun."""
+    dtype = outputs[format_objective(FUSED, (), depth)].dtype
+    counts = _subset_counts(subsets, cols, dtype)
+    return {s: (outputs.subset_logits(s)[depth], counts[s]) for s in subsets}  # type: ignore[attr-defined]
 
 
 def head_losses(
