@@ -33,7 +33,7 @@ def _settings(*argv: str) -> Settings:
 
 def test_settings_are_read_once_frozen_and_resolved():
     s = _settings("--epochs", "3", "--steps-per-epoch", "5", "--refresh-every", "2")
-    assert (s.epochs, s.total_steps, s.refresh_every) == (3, 15, 2)
+    assert (s.epochs, s.total_steps, s.refresh_every, s.jacobian) == (3, 15, 2, "parameters")
     assert s.device == torch.device("cpu") and s.output_dir.is_absolute()
     assert s.tracking_uri.startswith("sqlite:///") and s.checkpoint_root.name == "checkpoints"
     with pytest.raises(AttributeError):
@@ -49,6 +49,7 @@ def test_settings_are_read_once_frozen_and_resolved():
         (["--validation#overlap", "1.0"], "validation#overlap must be in [0, 1), got 1.0"),
         (["--weights", "best2"], "weights must be 'best' or 'last', got 'best2'"),
         (["--device", "tpu"], "device must be cpu, cuda or auto, got 'tpu'"),
+        (["--jacobian", "both"], "jacobian must be 'parameters' or 'outputs', got 'both'"),
     ],
 )
 def test_each_bad_setting_is_one_config_error_naming_id_rule_and_value(argv, message):

@@ -10,7 +10,6 @@ OGR tracker and the step-metric buffer, and converts them to and from a
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,7 +111,7 @@ def build_parts(
 
     Raises:
         ConfigError: a component that cannot be built, a patch size the network cannot
-            downsample, an unknown ``jacobian``.
+            downsample.
     """
     try:
         network = parser.get_parsed_content("network_def")
@@ -134,7 +133,6 @@ def build_parts(
         )
     data = build_data()
     scaler = torch.amp.GradScaler("cuda") if settings.amp else None
-    step_options = _jacobian_option(parser.get("jacobian", "parameters"))
     try:
         train_step = TrainStep(
             network,
@@ -144,7 +142,7 @@ def build_parts(
             refresh_every=settings.refresh_every,
             clip_norm=parser.get_parsed_content("clip_norm"),
             scaler=scaler,
-            **step_options,
+            jacobian=settings.jacobian,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -153,20 +151,6 @@ def build_parts(
         OGRTracker(), StepMetrics(),
     )  # fmt: skip
     return parts, data
-
-
-def _jacobian_option(jacobian: Any) -> dict[str, Any]:
-    """``{"jacobian": ...}`` for ``TrainStep`` (``parameters`` | ``outputs``), checked early."""
-    if jacobian not in ("parameters", "outputs"):
-        raise ConfigError(f"jacobian must be 'parameters' or 'outputs', got {jacobian!r}")
-    if "jacobian" in inspect.signature(TrainStep).parameters:
-        return {"jacobian": jacobian}
-    if jacobian != "parameters":
-        raise ConfigError(
-            "--jacobian outputs needs TrainStep(jacobian=...), which this segmerge.step does not "
-            "offer yet; use --jacobian parameters (the exact Jacobian)"
-        )
-    return {}
 
 
 def check_network_state(network: torch.nn.Module, weights: Mapping[str, Any], source: Any) -> None:

@@ -62,7 +62,8 @@ class Settings:
     """Every plain setting of a training, checked (see the module docstring).
 
     Attributes mirror the config ids (``validation#sw_batch_size`` is ``sw_batch_size``);
-    ``weights`` is ``"best"`` or ``"last"``; ``device`` is resolved (``auto`` -> ``cuda`` or
+    ``weights`` is ``"best"`` or ``"last"``; ``jacobian`` is ``"parameters"`` or ``"outputs"``
+    (read as written, never evaluated); ``device`` is resolved (``auto`` -> ``cuda`` or
     ``cpu``, ``cuda`` -> ``cuda:<LOCAL_RANK>`` under torchrun); folders are absolute;
     ``tracking_uri`` defaults to the SQLite store in ``output_dir``.
     """
@@ -76,6 +77,7 @@ class Settings:
     stop_after: int | None
     checkpoint_every: int | None
     refresh_every: int
+    jacobian: str
     num_workers: int
     seed: int
     weights: str
@@ -124,6 +126,10 @@ class Settings:
             ("num_workers", 0, False), ("seed", 0, False),
         ):  # fmt: skip
             values[name] = check_int(name, g(name), lo, allow_none=none)
+        jacobian = parser.get("jacobian", "parameters")  # the raw value: never evaluated
+        if jacobian not in ("parameters", "outputs"):
+            raise ConfigError(f"jacobian must be 'parameters' or 'outputs', got {jacobian!r}")
+        values["jacobian"] = jacobian
         check_float("lr", g("lr"), 0.0)
         check_float("weight_decay", g("weight_decay"), 0.0, strict=False)
         v = values
