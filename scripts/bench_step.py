@@ -9,6 +9,9 @@ Run (CPU, 2 threads)::
     # (every modality subset at depth 0) or K = 45 (at depths 0, 1, 2)
     .venv/bin/python scripts/bench_step.py --network shared --subset-depths 0
     .venv/bin/python scripts/bench_step.py --network shared --subset-depths 0 1 2
+    # the shared U-Net's two fusions side by side (variant/features rows: fusion="features",
+    # encoders once, the decoder once per subset)
+    .venv/bin/python scripts/bench_step.py --network shared --fusion both --variants sum gmd_outputs
 
 Timing: one process builds every variant (same initial weights, same batch, ``Adam(fused=True)``
 everywhere) and runs interleaved rounds, one step of each variant per round in rotating order,
@@ -73,6 +76,7 @@ VARIANTS = (
     "seed_gmd",
 )
 NETWORKS = ("late", "shared")
+FUSIONS = ("logits", "features", "both")  # shared network only; "both": every variant twice
 
 
 def _seed_gmd_step(net, opt, objectives, x, t):
@@ -120,15 +124,28 @@ def _seed_gmd_step(net, opt, objectives, x, t):
     opt.step()
 
 
-def _heads(outputs: dict) -> dict:
+def _heads(outputs: dict, fusion: str = "logits") -> dict:
     """The network's own output tensors for jacobian="outputs": every head that is not derived
-    from others (the shared U-Net's fused.d* are means of its modality heads)."""
+    from others (the shared U-Net's fused.d* are means of its modality heads; with feature
+    fusion none is derived, and the dict holds the subset heads decoded by the objectives)."""
+    if fusion == "features":
+        return dict(outputs)
     if _SETUP["network"] == "shared":
         return {n: o for n, o in outputs.items() if n.startswith("modality.")}
     return outputs  # late fusion: every head is computed from features, none from another
 
 
-_SETUP: dict = {"network": "late", "subset_depths": (0,)}
+_SETUP: dict = {"network": "late", "subset_depths": (0,), "fusions": ("logits",)}
+
+
+def _split(variant: str) -> tuple[str, str]:
+    """``"gmd_loop/features"`` -> ``("gmd_loop", "features")``; no suffix: logit fusion."""
+    base, _, fusion = variant.partition("/")
+    return base, fusion or "logits"
+
+
+def _label(variant: str, fusion: str) -> str:
+    return variant if fusion == "logits" else f"{variant}/{fusion}"
 
 
 def _objectives():
@@ -148,6 +165,7 @@ def _build(variant: str, net0, x, t, device):
     from segmerge.aggregation import build_aggregator
     from segmerge.step import TrainStep
 
+    variant, fusion = _split(variant)
     net = copy.deepcopy(net0).to(device).train()
     # fused Adam for every variant: the recommended setting (TrainStep skips non-finite steps
     # through its found_inf input at no cost; other optimizers pay a snapshot/restore copy).
@@ -194,14 +212,14 @@ def _build(variant: str, net0, x, t, device):
 
         def step() -> None:
             outputs = net(x)
-            report = ts.step(objectives(outputs, t), outputs=_heads(outputs))
+            report = ts.step(objectives(outputs, t), outputs=_heads(outputs, fusion))
             info["backward_passes"] = report.backward_passes
             info["K"] = len(report.names)
 
     return step, info
 
 
-def _setup(size: int, batch: int, threads: int):
+def _setup(size: int, batch: int, threads: int, fusion: str = "logits"):
     import torch
 
     from segmerge.nets import MultiModalDSNet, SharedModalityUNet
@@ -209,7 +227,7 @@ def _setup(size: int, batch: int, threads: int):
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net0 = MultiModalDSNet() if _SETUP["network"] == "late" else SharedModalityUNet()
+    net0 = MultiModalDSNet() if _SETUP["network"] == "late" else SharedModalityUNet(fusion=fusion)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, size, size, size, generator=g).to(device)
     t = (torch.rand(batch, 3, size, size, size, generator=g) > 0.8).float().to(device)
@@ -230,8 +248,13 @@ def time_all(variants, size: int, batch: int, threads: int, rounds: int) -> dict
     all variants alike; the first round is a warm-up. Per variant: min and median of the
     per-step wall-clock and process CPU time.
     """
-    net0, x, t, device = _setup(size, batch, threads)
-    runners = {v: _build(v, net0, x, t, device) for v in variants}
+    nets = {}
+    for v in variants:
+        fusion = _split(v)[1]
+        if fusion not in nets:
+            nets[fusion] = _setup(size, batch, threads, fusion)  # same seed, same batch
+    runners = {v: _build(v, *nets[_split(v)[1]]) for v in variants}
+    device = nets[_split(variants[0])[1]][3]
     times: dict[str, dict[str, list[float]]] = {v: {"wall": [], "cpu": []} for v in variants}
     order = list(variants)
     for r in range(rounds + 1):
@@ -264,7 +287,7 @@ def peak_memory(variant: str, size: int, batch: int, threads: int) -> float:
     """Extra peak memory (MiB) of two steps of ``variant`` in this (fresh) process."""
     import torch
 
-    net0, x, t, device = _setup(size, batch, threads)
+    net0, x, t, device = _setup(size, batch, threads, _split(variant)[1])
     step, _ = _build(variant, net0, x, t, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -313,7 +336,7 @@ def _peak_rss_kib() -> int:
 
 
 def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
-    base = res["sum"]
+    base = res[next(v for v in res if _split(v)[0] == "sum")]
     k = next((r["K"] for r in res.values() if "K" in r), "?")
     if args.network == "late":
         net = f"MultiModalDSNet defaults (K = {k}: fused.d0-d2 + 4 modality heads"
@@ -321,7 +344,7 @@ def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
         depths = ", ".join(str(d) for d in args.subset_depths)
         net = (
             f"SharedModalityUNet defaults (K = {k}: ObjectiveSet(subsets='all', "
-            f"subset_depths=[{depths}], fused=False)"
+            f"subset_depths=[{depths}], fused=False); fusion {' and '.join(_SETUP['fusions'])}"
         )
     lines = [
         f"{net}, {args.n_params / 1e6:.2f} M parameters), input {args.batch}x4x{args.size}^3, "
@@ -365,13 +388,27 @@ def _table(res: dict[str, dict], args: argparse.Namespace) -> str:
                     f"- refresh {refresh}, N = {n}: {cpu:.2f} CPU s/step, ratio "
                     f"{derived[refresh, n][0]:.2f} (wall {derived[refresh, n][1]:.2f})"
                 )
+    pairs = [(v, f"{v}/features") for v in res if f"{v}/features" in res]
+    if pairs:
+        lines += [
+            "",
+            "Feature fusion / logit fusion, same variant (CPU min; wall min in brackets):",
+            "",
+        ]
+        for v, vf in pairs:
+            lines.append(
+                f"- {v}: {res[vf]['cpu_min'] / res[v]['cpu_min']:.2f} "
+                f"({res[vf]['wall_min'] / res[v]['wall_min']:.2f})"
+            )
     lines += ["", "Goals (ratios of CPU-time minima; wall-clock minima in brackets):"]
 
     def goal(label, num, den, limit):
         if num in res and den in res:
             cpu = res[num]["cpu_min"] / res[den]["cpu_min"]
             wall = res[num]["wall_min"] / res[den]["wall_min"]
-            lines.append(f"- {label}: {cpu:.2f} ({wall:.2f}) -> {'met' if cpu <= limit else 'NOT met'}")
+            lines.append(
+                f"- {label}: {cpu:.2f} ({wall:.2f}) -> {'met' if cpu <= limit else 'NOT met'}"
+            )
 
     if args.network == "late":
         goal("exact GMD, loop / seed recipe <= 1.1", "gmd_loop", "seed_gmd", 1.1)
@@ -398,17 +435,41 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                        help="default: every variant that applies to the network")
-    parser.add_argument("--network", default="late", choices=NETWORKS,
-                        help="late: MultiModalDSNet; shared: SharedModalityUNet + subset rows")
-    parser.add_argument("--subset-depths", nargs="+", type=int, default=[0],
-                        help="shared network: depths with subset rows (0 -> K=15, 0 1 2 -> 45)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=VARIANTS,
+        help="default: every variant that applies to the network",
+    )
+    parser.add_argument(
+        "--network",
+        default="late",
+        choices=NETWORKS,
+        help="late: MultiModalDSNet; shared: SharedModalityUNet + subset rows",
+    )
+    parser.add_argument(
+        "--subset-depths",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="shared network: depths with subset rows (0 -> K=15, 0 1 2 -> 45)",
+    )
+    parser.add_argument(
+        "--fusion",
+        default="logits",
+        choices=FUSIONS,
+        help="shared network: SharedModalityUNet(fusion=...); both: side by side",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--md", help="also write the table to this markdown file")
-    parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _SETUP["network"], _SETUP["subset_depths"] = args.network, tuple(args.subset_depths)
+    if args.fusion != "logits" and args.network != "shared":
+        parser.error(f"--fusion {args.fusion}: only the shared network has a fusion option")
+    fusions = ("logits", "features") if args.fusion == "both" else (args.fusion,)
+    _SETUP["fusions"] = fusions
     if args.variants is None:
         skip = {"gmd_outputs", "gmd_outputs_batched"} if args.network == "late" else {
             "gmd_loop_plain", "torchjd_pcgrad"}  # fmt: skip
@@ -419,17 +480,18 @@ def main() -> None:
         return
     if "sum" not in args.variants:
         args.variants.insert(0, "sum")
+    args.variants = [_label(v, f) for f in fusions for v in args.variants]
     import torch
 
     args.torch_version = torch.__version__
     res = time_all(args.variants, args.size, args.batch, args.threads, args.rounds)
-    args.n_params = sum(p.numel() for p in _setup(8, 1, args.threads)[0].parameters())
+    args.n_params = sum(p.numel() for p in _setup(8, 1, args.threads, fusions[0])[0].parameters())
     for v, r in res.items():
         print(f"{v}: cpu min {r['cpu_min']:.2f} s, wall min {r['wall_min']:.2f} s", flush=True)
     if not args.no_memory:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         for v in args.variants:
-            if v == "gmd_amortised":
+            if _split(v)[0] == "gmd_amortised":
                 continue  # its peak is its refresh step's: gmd_loop
             cmd = [sys.executable, __file__, "--memory-worker", v, "--size", str(args.size),
                    "--batch", str(args.batch), "--threads", str(args.threads),

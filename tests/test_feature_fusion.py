@@ -218,6 +218,11 @@ def test_two_gmd_steps_train(jacobian):
         report = step.step(nl, outputs=dict(out)) if jacobian == "outputs" else step.step(nl)
         assert not bool(report.skipped)
         assert bool(torch.isfinite(report.losses).all())
+        off = report.cosine - torch.diag(torch.diagonal(report.cosine))
+        if jacobian == "outputs":  # every subset its own head: a diagonal Gramian (documented)
+            assert float(off.abs().max()) == 0.0
+        else:  # the parameter Jacobian sees the shared encoder and decoder
+            assert float(off.abs().max()) > 0.0
     moved = [bool((p.detach() - s).abs().max() > 0) for p, s in zip(net.parameters(), start)]
     assert all(moved)
 

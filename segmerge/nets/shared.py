@@ -19,7 +19,10 @@ is then the decoder run on modality m's features alone (the singleton subset's h
 other subset on request (``subset_logits``), from the encoder features already computed:
 ``ObjectiveSet(subsets=...)`` uses it, so K subsets cost one encoder pass per modality and K
 decoder passes, never K forwards. Reach stays exact: a subset's row reaches the encoder
-normalisation of its own modalities only, and the decoder from every subset.
+normalisation of its own modalities only, and the decoder from every subset. With
+``TrainStep(jacobian="outputs")`` the update is still exact (the decoded subset heads are in
+the dict), but every subset row has a head tensor of its own, so the output-space Gramian is
+diagonal and sees no conflict: use the parameter Jacobian (exact or ``refresh_every``) there.
 
 Only the normalisation layers (their affine weights, running statistics for batch norm) are
 modality-specific; every convolution and head is shared. The modalities are run as separate

@@ -20,7 +20,10 @@ prediction fused from S alone, ``z_S = sum_{m in S} a_m z_m / max(1, sum_{m in S
 mean of the *available* per-modality logits of S, ``a`` the availability mask), at each chosen
 depth. The per-modality logits are the network's ``modality.<m>[.d<l>]`` outputs, computed once
 per forward; each subset is re-fused from them (partial sums shared between subsets), never by
-another forward. ``subsets="all"`` gives the 2^M - 1 subsets, ``"singles+full"`` the M singletons
+another forward. A feature-fusion network (``SharedModalityUNet(fusion="features")``) returns a
+``SubsetHeads`` dict instead: each subset's row is the loss of its ``subset_logits`` (the shared
+decoder on the masked mean of S's encoder features), one decoder pass per subset, the encoders
+not rerun. ``subsets="all"`` gives the 2^M - 1 subsets, ``"singles+full"`` the M singletons
 and the full set, an int k draws k of the proper subsets per call plus the full set (see
 :meth:`ObjectiveSet.draw`). Rows are named ``subset.flair+t1ce`` (depth 0), ``subset.t2.d1``...
 (:mod:`segmerge.objectives.names`). In subset mode the fused rows are kept only at depths without
