@@ -39,13 +39,15 @@ from segmerge.prepare.synthetic import evaluate_prepared, make_raw_case  # noqa:
 
 def bench(args: argparse.Namespace, work: Path) -> dict:
     raw, out = work / "raw", work / "out"
-    truths, gen = {}, []
+    truths, gen, gen_cpu = {}, [], []
     for i in range(args.cases):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         truths[f"case{i}"] = make_raw_case(
             raw / f"case{i}", size=args.size, seed=100 + i, scale=args.scale
         )
         gen.append(time.perf_counter() - t)
+        gen_cpu.append(time.process_time() - c)
+    print(f"generated {args.cases} raw case(s), load average {os.getloadavg()[0]:.1f}")
     first = sitk.ReadImage(str(raw / "case0" / "T1_GD.nii.gz"))
     opts = PrepareOptions(spacing=args.spacing, n4=not args.no_n4, deformable=args.deformable)
     t = time.perf_counter()
@@ -61,6 +63,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
                 "case": cid,
                 **qc["seconds"],
                 "cpu": qc["cpu_seconds"],
+                "cpu_stage": qc.get("cpu_seconds_by_stage", {}),
                 **{
                     "tre_mean_max": max(m["tre_mean"].values()),
                     "brain_dice": m["brain_dice"],
@@ -71,7 +74,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     stages = ["read", "register", "resample", "n4", "skull_strip", "write", "qc"]
     print(
         f"\nreference {first.GetSize()} at {tuple(round(s, 2) for s in first.GetSpacing())} mm, "
-        f"--spacing {args.spacing}, workers {args.workers}, generation {np.mean(gen):.1f} s/case"
+        f"--spacing {args.spacing}, workers {args.workers}, ITK threads "
+        f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}, generation "
+        f"{np.mean(gen):.1f} s/case wall, {np.mean(gen_cpu):.1f} CPU s/case"
     )
     print(
         "| case | " + " | ".join(stages) + " | total s | CPU s | worst mean TRE mm | brain Dice |"
@@ -84,7 +89,18 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
             + " | ".join(f"{r[s]:.1f}" for s in stages)
             + f" | {tot:.1f} | {r['cpu']:.1f} | {r['tre_mean_max']:.2f} | {r['brain_dice']:.3f} |"
         )
+    print("\nprocess CPU seconds per stage (all ITK threads):")
+    print("| case | " + " | ".join(stages) + " | sum of stages | case CPU s |")
+    print("|" + "---|" * (len(stages) + 3))
+    for r in rows:
+        cs = r["cpu_stage"]
+        print(
+            f"| {r['case']} | "
+            + " | ".join(f"{cs.get(s, float('nan')):.1f}" for s in stages)
+            + f" | {sum(cs.get(s, 0.0) for s in stages):.1f} | {r['cpu']:.1f} |"
+        )
     print(f"run: {total:.1f} s wall for {args.cases} case(s) = {total / args.cases:.1f} s/case")
+    print(f"load average (1, 5, 15 min) at end: {os.getloadavg()}")
     return {"rows": rows, "wall": total}
 
 

@@ -191,16 +191,18 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
     if opts.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(opts.threads))
     seconds: dict[str, float] = {}
+    cpu_stage: dict[str, float] = {}  # process CPU seconds (all ITK threads) per stage
     report: dict = {"case_id": cid, "source": str(raw.folder), "options": asdict(opts)}
     report["mapping"] = {k: s.describe() for k, s in raw.sequences.items()}
     seqs = [m for m in MODALITIES if m in raw.sequences]
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     images = {
         k: read_sequence(raw.sequences[k], cid) for k in (*seqs, LABEL_KEY) if k in raw.sequences
     }
     ref = images[ref_key]
     seconds["read"] = time.perf_counter() - t
+    cpu_stage["read"] = time.process_time() - c
     report["inputs"] = {k: geometry(img) for k, img in images.items()}
     seg = images.pop(LABEL_KEY, None)
     if seg is not None:
@@ -221,7 +223,7 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
         seg.CopyInformation(ref)
 
     # ---- register ------------------------------------------------------------------------
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     transforms: dict[str, sitk.Transform] = {ref_key: sitk.Euler3DTransform()}
     reg_info: dict[str, dict] = {ref_key: {"reference": True}}
     centre = image_centre(ref)
@@ -254,18 +256,20 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
             )
         transforms[k] = res.transform
     seconds["register"] = time.perf_counter() - t
+    cpu_stage["register"] = time.process_time() - c
     report["registration"] = reg_info
 
     # ---- resample ------------------------------------------------------------------------
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     grid = isotropic_grid(ref, opts.spacing)
     on_grid = {k: resample(images[k], grid, transforms[k]) for k in seqs}
     seg_grid = resample_labels(seg, grid) if seg is not None else None
     del images
     seconds["resample"] = time.perf_counter() - t
+    cpu_stage["resample"] = time.process_time() - c
 
     # ---- skull strip -------------------------------------------------------------------------
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     mask = None
     if opts.skull_strip:
         from segmerge.prepare.skullstrip import brain_mask
@@ -284,16 +288,18 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
                 "--no-skull-strip for already skull-stripped or partial-coverage scans"
             )
     seconds["skull_strip"] = time.perf_counter() - t
+    cpu_stage["skull_strip"] = time.process_time() - c
 
     # ---- N4 ------------------------------------------------------------------------------
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if opts.n4:
         # Fitted inside the brain once it is known, so scalp and skull do not pull the field.
         on_grid = {k: n4_correct(img, mask=mask)[0] for k, img in on_grid.items()}
     seconds["n4"] = time.perf_counter() - t
+    cpu_stage["n4"] = time.process_time() - c
 
     # ---- crop + write ----------------------------------------------------------------------
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     crop_lo, crop_size = [0, 0, 0], list(grid.GetSize())
     if mask is not None:
         arr = sitk.GetArrayViewFromImage(mask)
@@ -320,8 +326,9 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
         _write_image(crop(mask), side / "brain_mask.nii.gz")
         _write_transform(strip.transform, side / "transforms" / "case_to_mni152.tfm")
     seconds["write"] = time.perf_counter() - t
+    cpu_stage["write"] = time.process_time() - c
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     prepared = crop(grid)
     report["geometry"] = {
         "reference": {"sequence": ref_key, **geometry(ref)},
@@ -345,7 +352,9 @@ def prepare_case(raw: RawCase, output: str | os.PathLike, opts: PrepareOptions) 
     )
     qc.write_montage(side / "montage.png", arrays, mask_arr, cid)
     seconds["qc"] = time.perf_counter() - t
+    cpu_stage["qc"] = time.process_time() - c
     report["seconds"] = seconds
+    report["cpu_seconds_by_stage"] = cpu_stage
     report["cpu_seconds"] = None  # filled by the caller (process CPU time of the whole case)
     qc.write_report(side / "qc.json", report)
     mapping = {k: raw.sequences[k].path.name for k in raw.sequences}
