@@ -10,7 +10,7 @@ The training step is measured as forward + backward + optimizer step of a plain 
 (BCE over every head): a *lower bound* on the real aggregated step (which adds per-objective
 Jacobians), so the loader/step ratio printed is conservative. Two configurations:
 ``default``: configs/train.json (MultiModalDSNet, phantoms 64³, patch 48, batch 2), and
-``dev-96``: the data.md development set (96³ cases, patch 64, batch 2) with MONAI's 4.8M-parameter
+``dev-96``: the development-set geometry (96³ cases, patch 64, batch 2) with MONAI's 4.8M-parameter
 ``UNet`` as a stand-in network.
 """
 

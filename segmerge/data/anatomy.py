@@ -25,7 +25,7 @@ TEMPLATE_FILES: dict[str, str] = {
 }
 """Template files inside ``nilearn/datasets/data``."""
 
-_BRAIN_THRESHOLD = 0.2  # brain mask = T1 > 0.2 * max (data.md)
+_BRAIN_THRESHOLD = 0.2  # brain mask = T1 > 0.2 * max of the template T1
 
 
 @dataclass(frozen=True)

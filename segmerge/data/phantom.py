@@ -1,8 +1,8 @@
 """BraTS-like phantom cases synthesised on real anatomy (MNI152), in memory.
 
 One case = four sequences (``flair, t1, t1ce, t2``) plus a BraTS label map on the template's
-anatomy resampled to ``size``³ (see :mod:`segmerge.data.anatomy`). Recipe (numbers from
-docs/data.md, relative to white matter = 1):
+anatomy resampled to ``size``³ (see :mod:`segmerge.data.anatomy`). Recipe (intensities from
+:data:`TISSUE_MEANS`, relative to white matter = 1):
 
 1. Tumour geometry in mm: a randomly oriented ellipsoid whose radius is perturbed by smooth noise
    (irregular, not spherical); necrotic core inside an enhancing rim (tumour core, TC) inside
@@ -31,7 +31,7 @@ from scipy import ndimage
 from segmerge.conventions import ED, MODALITIES, NCR, check_et_label
 from segmerge.data.anatomy import mni_anatomy
 
-# Relative tissue means per sequence, WM = 1 (docs/data.md). Tumour entries given as a range are
+# Relative tissue means per sequence, WM = 1 (the phantom's reference values). Tumour entries given as a range are
 # drawn per case.
 TISSUE_MEANS: dict[str, dict[str, float | tuple[float, float]]] = {
     "wm": {"t1": 1.00, "t1ce": 1.00, "t2": 1.00, "flair": 1.00},

@@ -1,6 +1,6 @@
 """Validation: sliding-window Dice / HD95 per region, and per-head losses for OGR.
 
-Empty-region conventions (BraTS, ../shared/docs/conventions.md): Dice is 1 when prediction and
+Empty-region conventions (BraTS, defined in :mod:`segmerge.conventions`): Dice is 1 when prediction and
 ground truth are both empty and 0 when exactly one is; HD95 is 0 when both are empty and
 ``HD95_EMPTY`` (373.13) when exactly one is. Scores come from
 :func:`segmerge.conventions.region_scores`, the function ``segmerge evaluate`` uses, with the voxel
