@@ -8,7 +8,8 @@ Timing mode: builds raw cases (:func:`segmerge.prepare.synthetic.make_raw_case`:
 ``--size`` voxels, at 160 about 1 mm, plus a skull/scalp shell, bias, its own rigid motion and
 grid per sequence, reference 1 mm isotropic, others 0.9 x 0.9 x 3 mm), prepares them and prints
 wall seconds per stage (read, register, resample, n4, skull_strip, write, qc), the process CPU
-seconds of each case, the target registration error and the brain-mask Dice.
+seconds of each case and of each stage (all ITK threads; on a shared machine the comparable
+figure), the target registration error and the brain-mask Dice.
 
 Model check (:mod:`segmerge.prepare.modelcheck`): trains a small MONAI UNet on clean phantoms
 (skull-stripped, resampled to the prepared spacing; nnU-Net-style augmentation unless
