@@ -75,9 +75,7 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device {device!r} is not a torch device (cpu, cuda, cuda:1 ...)"
-        ) from err
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1 ...)") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but torch sees no CUDA device (use cpu)")
@@ -331,9 +329,7 @@ class BratsPredictor:
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
-            reason = f"{type(cause).__name__}: {cause}".rstrip(
-                ": "
-            )  # a bare MemoryError has no text
+            reason = f"{type(cause).__name__}: {cause}".rstrip(": ")  # a bare MemoryError has no text
             raise ValueError(
                 f"case {case.case_id}: cannot read/preprocess inputs: {reason}"
             ) from err
@@ -391,9 +387,7 @@ class BratsPredictor:
             if target.exists() and not self.overwrite:
                 replaced = self._damaged(case.case_id, output_dir)
                 if replaced is None:
-                    return CaseResult(
-                        case.case_id, "kept", tuple(self._kept_used(case, output_dir))
-                    )
+                    return CaseResult(case.case_id, "kept", tuple(self._kept_used(case, output_dir)))
                 logger.warning("%s: earlier output %s: predicting again", case.case_id, replaced)
             t0 = time.perf_counter()
             ref = self.check_inputs(case)
