@@ -84,6 +84,36 @@ def test_dynamic_batch_and_spatial_size(network, onnx_net):
     assert float((onnx_net(x, available) - ref).abs().max()) < TOL
 
 
+def test_absent_sequence_with_nan_cannot_reach_the_output(network, onnx_net):
+    """The export zeroes absent sequences in the input (its fusion multiplies by the weights):
+    NaN/inf in an absent channel changes nothing, as in PyTorch's masked fusion."""
+    image = _image()
+    keep = torch.tensor([[True, False, True, False]])
+    x = image.clone()
+    x[:, 1], x[:, 3] = float("nan"), float("inf")
+    with torch.no_grad():
+        ref = network(image * keep[:, :, None, None, None], keep)
+    out = onnx_net(x, keep)
+    assert bool(torch.isfinite(out).all())
+    assert float((out - ref).abs().max()) < TOL
+
+
+def test_export_form_of_the_default_network(network):
+    """export_onnx writes MultiModalDSNet's cheaper export form (docs/benchmarks.md): one Where
+    (absent sequences zeroed in the input) instead of one per sequence and level, and every
+    decoder level's upsampling folded with its first convolution into a 4x4x4 transposed conv."""
+    import onnx
+
+    graph = onnx.load_from_string(export_onnx(network)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Where") == 1
+    kernels = [
+        list(a.ints) for n in graph.node if n.op_type == "ConvTranspose" for a in n.attribute
+        if a.name == "kernel_shape"
+    ]  # fmt: skip
+    assert kernels == [[4, 4, 4]] * (len(network.features) - 1)
+
+
 def test_predict_backend_onnxruntime(network, tmp_path):
     """The predictor with backend onnxruntime gives PyTorch's probabilities on a case without
     T1ce, and refuses a GPU device."""

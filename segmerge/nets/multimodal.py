@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock
+from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import nn
 
 from segmerge.conventions import MODALITIES, REGIONS
@@ -150,6 +151,57 @@ class AuxDecoder(nn.Module):
             h = up(h, feats[level])
             level -= 1
         return self.out(h)
+
+
+def _composable(up: nn.Module) -> bool:
+    """Whether :func:`_up_export` can fold ``up``'s transposed conv into its first conv."""
+    if not isinstance(up, UnetUpBlock):
+        return False
+    tconv, conv1 = up.transp_conv.conv, up.conv_block.conv1.conv
+    return (
+        isinstance(tconv, nn.ConvTranspose3d)
+        and isinstance(conv1, nn.Conv3d)
+        and tconv.bias is None
+        and tconv.groups == 1 == conv1.groups
+        and tuple(tconv.kernel_size) == (2, 2, 2) == tuple(tconv.stride)
+        and tuple(tconv.padding) == (0, 0, 0) == tuple(tconv.output_padding)
+        and tuple(tconv.dilation) == (1, 1, 1) == tuple(conv1.dilation)
+        and tuple(conv1.kernel_size) == (3, 3, 3)
+        and tuple(conv1.stride) == (1, 1, 1)
+        and tuple(conv1.padding) == (1, 1, 1)
+        and conv1.padding_mode == "zeros"
+    )
+
+
+def _up_export(up: nn.Module, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``up(h, skip)`` (a MONAI ``UnetUpBlock``) as ONNX export writes it: the same values, fewer MACs.
+
+    The block is ``conv1(cat(convT(h), skip))`` then norm, activation, conv2, norm, activation;
+    ``convT`` (2x2x2, stride 2, no bias) and the half of ``conv1`` (3x3x3, padding 1) that reads
+    its output are both linear, so they compose into one 4x4x4 transposed convolution of ``h``
+    (stride 2, padding 1; zero padding of the upsampled map is zero padding of ``h``):
+    ``conv1(cat(u, s)) = convT4(h) + conv(s)``. It runs on the coarse grid, and skips the concat:
+    2.2 ms less per 32^3 window on ONNX Runtime (1 thread, docs/benchmarks.md), equal within
+    float32 rounding (tests/test_onnx.py). Any other block is run as is.
+    """
+    if not _composable(up):
+        return up(h, skip)
+    tconv, block = up.transp_conv.conv, up.conv_block
+    conv1 = block.conv1.conv
+    c_up = tconv.out_channels
+    # computed from the weights' values (numpy), so the export stores the kernel as a constant
+    w_t = tconv.weight.detach().cpu().double().numpy()  # (c_in, c_up, 2, 2, 2)
+    w_up = conv1.weight.detach().cpu().double().numpy()[:, :c_up, ::-1, ::-1, ::-1]
+    kernel = np.zeros((w_t.shape[0], conv1.out_channels, 4, 4, 4))
+    for a, b, c in np.ndindex(2, 2, 2):
+        kernel[:, :, a : a + 3, b : b + 3, c : c + 3] += np.einsum(
+            "im,omxyz->ioxyz", w_t[:, :, a, b, c], w_up
+        )
+    kernel_t = torch.from_numpy(kernel).to(dtype=h.dtype, device=h.device)
+    out = torch.nn.functional.conv_transpose3d(h, kernel_t, stride=2, padding=1)
+    out = out + torch.nn.functional.conv3d(skip, conv1.weight[:, c_up:], conv1.bias, padding=1)
+    out = block.lrelu(block.norm1(out))
+    return block.lrelu(block.norm2(block.conv2(out)))
 
 
 class MultiModalDSNet(ContractNet):
@@ -293,6 +345,9 @@ class MultiModalDSNet(ContractNet):
         self, x: torch.Tensor, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         """Run every encoder and fuse the available ones level by level."""
+        if not torch.jit.is_scripting():  # (TorchScript does not compile this branch)
+            if self.fusion == "mean" and torch.onnx.is_in_onnx_export():
+                return self._encode_export(x, mask)
         per_mod: list[list[torch.Tensor]] = []
         for idx, enc in enumerate(self.encoders.values()):
             per_mod.append(enc(x[:, idx : idx + 1]))
@@ -319,6 +374,35 @@ class MultiModalDSNet(ContractNet):
             fused.append(acc)
         return fused, per_mod
 
+    @torch.jit.unused
+    def _encode_export(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """The ``"mean"`` fusion as ONNX export writes it: the same values, cheaper operators.
+
+        ONNX Runtime's ``Where`` with a ``(B, 1, 1, 1, 1)`` condition is slow: the 16 of the
+        masked fusion (one per sequence and level) took 1.3 ms of a 32^3 window (1 thread, ORT
+        profiler; docs/benchmarks.md), their broadcast ``Mul`` here 0.3 ms and the one ``Where``
+        on the input 0.1 ms. So the missing sequences are zeroed once in the input
+        (one ``Where`` on ``(B, M, ...)``: a NaN in an absent channel cannot reach an encoder), and
+        each level is ``sum_m E_m * (a_m / max(1, sum a))``: a finite feature times 0 is exactly
+        0, so a missing sequence still contributes nothing. Equal to :meth:`_encode`'s within
+        float32 rounding (tests/test_onnx.py); only ``torch.onnx.export`` takes this path.
+        """
+        x = x.masked_fill(~mask.view(mask.shape[0], mask.shape[1], 1, 1, 1), 0.0)
+        weight = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+        weight = weight.view(weight.shape[0], weight.shape[1], 1, 1, 1, 1)
+        per_mod: list[list[torch.Tensor]] = []
+        for idx, enc in enumerate(self.encoders.values()):
+            per_mod.append(enc(x[:, idx : idx + 1]))
+        fused: list[torch.Tensor] = []
+        for level in range(len(self.features)):
+            acc = per_mod[0][level] * weight[:, 0]
+            for idx in range(1, len(per_mod)):
+                acc = acc + per_mod[idx][level] * weight[:, idx]
+            fused.append(acc)
+        return fused, per_mod
+
     def _decode(self, fused: list[torch.Tensor], n_levels: int) -> list[torch.Tensor]:
         """Decoder outputs of levels ``0 .. n_levels-1``, finest first (every up block runs)."""
         top = len(fused) - 1
@@ -326,7 +410,12 @@ class MultiModalDSNet(ContractNet):
         outs: list[torch.Tensor] = []
         level = top - 1
         for up in self.decoder.ups:
-            h = up(h, fused[level])
+            if torch.jit.is_scripting():
+                h = up(h, fused[level])
+            elif torch.onnx.is_in_onnx_export():
+                h = _up_export(up, h, fused[level])
+            else:
+                h = up(h, fused[level])
             outs.insert(0, h)
             level -= 1
         return outs[:n_levels]
