@@ -31,14 +31,15 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from monai.data import DataLoader  # noqa: E402
 
 from segmerge.data import (  # noqa: E402
     load_dataset,
-    make_dataloader,
     make_phantom_case,
     train_transforms,
     write_phantom_dataset,
 )
+from segmerge.engine.sampling import SeededCacheDataset, StreamSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,13 +135,11 @@ def bench_loader(
         write_phantom_dataset(tmp / name, cases, size=size, seed=1, progress=False)
     spec = load_dataset(path, val_fraction=0.0)
     t0 = time.perf_counter()
-    loader = make_dataloader(
-        spec.training,
-        train_transforms(patch_size=patch),
-        batch_size=batch,
-        shuffle=True,
-        num_workers=num_workers,
-    )
+    # the engine's training loader (TrainingData.loader): cached dataset, seeded stream sampler
+    ds = SeededCacheDataset(spec.training, train_transforms(patch_size=patch), progress=False)
+    steps = -(-samples // batch)
+    sampler = StreamSampler(len(ds), batch, steps, seed=0)
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=num_workers)
     cache_s = time.perf_counter() - t0
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while n < samples:

@@ -45,17 +45,15 @@ def _validation_datalist(dataset: Path, out: Path) -> Path:
 
 def predict_and_score(
     dataset: Path, model: Path, patch: int, et_label: int, out: Path
-) -> tuple[dict[str, float], int] | None:
+) -> tuple[dict[str, float], int]:
     """Predict the validation cases with the trained weights and score them.
 
     Returns:
-        ``(mean metrics, number of cases)``, or None when ``segmerge.inference`` is missing.
+        ``(mean metrics, number of cases)``.
     """
-    try:
-        from segmerge.inference.cli import predict_main
-        from segmerge.inference.evaluate import evaluate_predictions
-    except ImportError:
-        return None
+    from segmerge.inference.cli import predict_main
+    from segmerge.inference.evaluate import evaluate_predictions
+
     datalist = _validation_datalist(dataset, out)
     pred = out / "predictions"
     cmd = [
@@ -89,17 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     patch = int(parser.get_parsed_content("patch_size"))
     et_label = int(parser.get_parsed_content("dataset#et_label"))
     model = Path(parser.get_parsed_content("bundle_root")).absolute() / "models" / "model.pt"
-    scored = predict_and_score(dataset, model, patch, et_label, REPO / "runs" / "demo")
+    table, n_cases = predict_and_score(dataset, model, patch, et_label, REPO / "runs" / "demo")
     wall = time.time() - t0
     print("\n=== segmerge demo ===")
-    if scored is not None:
-        table, n_cases = scored
-        print(f"validation phantoms, predicted with models/model.pt ({n_cases} cases):")
-        print(f"  {'region':<8}{'Dice':>8}{'HD95':>9}")
-        for region in ("wt", "tc", "et"):
-            dice = _pick(table, "dice", region)
-            hd = _pick(table, "hd95", region)
-            print(f"  {region:<8}{dice:>8.4f}{hd:>9.2f}")
+    print(f"validation phantoms, predicted with models/model.pt ({n_cases} cases):")
+    print(f"  {'region':<8}{'Dice':>8}{'HD95':>9}")
+    for region in ("wt", "tc", "et"):
+        dice = _pick(table, "dice", region)
+        hd = _pick(table, "hd95", region)
+        print(f"  {region:<8}{dice:>8.4f}{hd:>9.2f}")
     print(f"training {t_train / 60:.1f} min, demo total {wall / 60:.1f} min (after installation)")
     from segmerge.engine.tracking import default_tracking_uri, ui_command
 

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import DataLoader
 
 from segmerge.conventions import MODALITIES, labels_to_regions
 from segmerge.data import (
@@ -11,12 +12,12 @@ from segmerge.data import (
     RandModalityDropoutd,
     StackModalitiesd,
     load_dataset,
-    make_dataloader,
     save_nifti,
     train_transforms,
     val_transforms,
     write_phantom_dataset,
 )
+from segmerge.engine.sampling import SeededCacheDataset, StreamSampler
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +74,10 @@ def test_train_patches_biased_to_tumour_and_padded(spec):
     assert big["image"].shape == (4, 40, 40, 40) and big["label"].shape == (3, 40, 40, 40)
 
 
-def _unbatch(batch):
-    return [
-        {"image": batch["image"][i], "available": batch["available"][i]}
-        for i in range(len(batch["image"]))
-    ]
-
-
 def test_modality_dropout_keeps_a_random_nonempty_proper_subset(spec):
-    loader = make_dataloader(
-        spec.training, train_transforms(patch_size=16, modality_dropout=1.0, seed=3)
-    )
+    t = train_transforms(patch_size=16, modality_dropout=1.0, seed=3)
     seen = set()
-    for s in (s for _ in range(6) for b in loader for s in _unbatch(b)):
+    for s in (s for _ in range(6) for item in spec.training for s in t(item)):
         avail = s["available"]
         assert 1 <= int(avail.sum()) <= 3
         seen.add(tuple(avail.tolist()))
@@ -115,9 +107,11 @@ def test_bad_cases_fail_with_their_name():
     assert CheckLabeld(et_label=3)({"case_id": "c8", "label": torch.tensor([[0, 3, 1]])})
 
 
-def test_dataloader_batches_and_cache_stays_intact(spec):
+def test_training_loader_batches_and_cache_stays_intact(spec):
+    """The engine's training loader (TrainingData.loader) over these transforms."""
     t = train_transforms(patch_size=16, modality_dropout=1.0, seed=0)
-    loader = make_dataloader(spec.training, t, batch_size=2, shuffle=True, cache=True)
+    ds = SeededCacheDataset(spec.training, t, progress=False)
+    loader = DataLoader(ds, batch_size=2, sampler=StreamSampler(len(ds), 2, 2, seed=0))
     before = loader.dataset._cache[0]["image"].clone()
     batches = [b for _ in range(2) for b in loader]
     assert batches[0]["image"].shape == (2, 4, 16, 16, 16) and batches[0]["label"].shape == (
@@ -130,10 +124,8 @@ def test_dataloader_batches_and_cache_stays_intact(spec):
     assert batches[0]["available"].shape == (2, 4) and batches[0]["available"].dtype == torch.bool
     assert isinstance(batches[0]["case_id"], list) and len(batches[0]["case_id"]) == 2
     assert torch.equal(loader.dataset._cache[0]["image"], before)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        make_dataloader(spec.training, t, distributed=True)
-    with pytest.raises(ValueError, match="no cases"):
-        make_dataloader([], t)
+    with pytest.raises(ValueError, match="no training cases"):
+        StreamSampler(0, 2, 2)
 
 
 def test_et_label_3_regions(tmp_path):
@@ -155,27 +147,6 @@ def test_several_patches_per_case(spec):
         assert set(s) == {"image", "label", "available", "case_id"}
         assert s["image"].shape == (4, 16, 16, 16)
     assert not torch.equal(samples[0]["image"], samples[1]["image"])
-
-
-def test_distributed_sampler_option(spec, tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        loader = make_dataloader(
-            spec.training,
-            val_transforms(),
-            batch_size=1,
-            shuffle=True,
-            cache=False,
-            distributed=True,
-        )
-        assert isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler)
-        assert sorted(b["case_id"][0] for b in loader) == sorted(
-            i["case_id"] for i in spec.training
-        )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_one_thread_compose_restores_thread_count():

@@ -34,7 +34,6 @@ from segmerge.data.transforms import (
     RandModalityDropoutd,
     StackModalitiesd,
     inference_transforms,
-    make_dataloader,
     train_transforms,
     val_transforms,
 )
@@ -74,7 +73,6 @@ __all__ = [
     "inference_transforms",
     "load_dataset",
     "load_volume",
-    "make_dataloader",
     "make_phantom_case",
     "mni_anatomy",
     "open_volume",

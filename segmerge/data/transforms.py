@@ -1,4 +1,5 @@
-"""MONAI dictionary transforms and data loaders for multimodal BraTS cases.
+"""MONAI dictionary transforms for multimodal BraTS cases (the training loader over them is
+:class:`segmerge.engine.training_data.TrainingData`).
 
 Input: case dicts from :func:`segmerge.data.load_dataset` (paths keyed by modality name; a
 ``None`` modality is absent). Output samples::
@@ -436,76 +437,4 @@ def inference_transforms(
             Spacingd(keys=image_key, pixdim=list(pixdim), mode="bilinear"),
             NormalizeIntensityd(keys=image_key, nonzero=True, channel_wise=True),
         ]
-    )
-
-
-def make_dataloader(
-    items: Sequence[dict],
-    transforms: Compose,
-    batch_size: int = 2,
-    shuffle: bool = False,
-    num_workers: int = 0,
-    cache: bool = True,
-    cache_rate: float = 1.0,
-    cache_num_workers: int | None = None,
-    distributed: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A MONAI ``DataLoader`` over ``items``, caching the deterministic prefix in memory.
-
-    Args:
-        items: case dicts (from a :class:`~segmerge.data.DatasetSpec` split).
-        transforms: :func:`train_transforms` or :func:`val_transforms` (or any ``Compose``).
-        batch_size: cases per batch (each yields ``num_samples`` patches in training).
-        shuffle: reshuffle every epoch (with ``distributed`` call ``loader.sampler.set_epoch``).
-        num_workers: loader worker processes (0 = in the training process).
-        cache: use ``CacheDataset`` (pays off: decompressing a 96³ case costs ~0.2 s, a cached
-            patch a few ms); False uses a plain ``Dataset``.
-        cache_rate: fraction of cases cached (memory: ~15 MB per 96³ case, ~0.5 GB per BraTS case).
-        cache_num_workers: threads filling the cache (default: 1).
-        distributed: shard with ``DistributedSampler`` (needs an initialised process group).
-        seed: shuffling seed (and sampler seed).
-        drop_last: drop the last incomplete batch.
-        pin_memory: pin host memory (CUDA training).
-
-    Returns:
-        The data loader (collates ``case_id`` into a list and ``available`` into (B, 4)).
-    """
-    from monai.data import CacheDataset, DataLoader, Dataset
-
-    items = list(items)
-    if not items:
-        raise ValueError("make_dataloader: no cases (empty item list)")
-    if cache:
-        ds = CacheDataset(
-            data=items,
-            transform=transforms,
-            cache_rate=cache_rate,
-            num_workers=cache_num_workers or 1,
-            progress=False,
-            copy_cache=False,  # every random step below the cache writes new tensors
-        )
-    else:
-        ds = Dataset(data=items, transform=transforms)
-    sampler = None
-    if distributed:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError(
-                "make_dataloader(distributed=True) needs torch.distributed.init_process_group first"
-            )
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            ds, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-    generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        generator=generator,
     )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["objective_roots", "graph_reach", "bits_to_list", "shared_bits"]
+__all__ = ["objective_roots", "graph_reach", "shared_bits"]
 
 # Nodes whose inputs are the per-objective scalars, one per row of the (K,) losses tensor.
 _ROW_NODES = ("StackBackward0", "CatBackward0")
@@ -60,9 +60,7 @@ def objective_roots(losses: Tensor) -> list[GradientEdge | None]:
     )
 
 
-def graph_reach(
-    roots: Sequence[GradientEdge | None], param_index: dict[int, int]
-) -> list[int]:
+def graph_reach(roots: Sequence[GradientEdge | None], param_index: dict[int, int]) -> list[int]:
     """Reach bit set of each root over the parameters in ``param_index``.
 
     Args:
@@ -113,8 +111,3 @@ def shared_bits(reach: Sequence[int]) -> int:
     for r in reach[1:]:
         out &= r
     return out
-
-
-def bits_to_list(bits: int, n: int) -> list[bool]:
-    """Expand a bit set into ``n`` booleans."""
-    return [bool(bits >> j & 1) for j in range(n)]

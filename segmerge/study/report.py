@@ -153,10 +153,6 @@ def seed_scores(evaluation: EvaluationResult) -> dict[str, float]:
     return out
 
 
-def _first_ok(runs: Sequence[MethodSummary]) -> MethodSummary | None:
-    return next((r for r in runs if r.evaluation is not None), None)
-
-
 def method_means(runs: Sequence[MethodSummary], methods: Sequence[str]) -> list[MethodSummary]:
     """One summary per method for the plots: subset scores averaged over its finished seeds,
     the histories of its first finished seed, mean train time and speed."""
