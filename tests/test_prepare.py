@@ -96,6 +96,9 @@ def test_layout_dataset_json_qc_and_inputs_untouched(prepared, capsys):
         qc = json.loads((case / "prepare" / "qc.json").read_text())
         assert qc["mapping"]["t1"]["matched"] in ("T1_MPRAGE",)
         assert set(qc["seconds"]) >= {"read", "register", "resample", "n4", "skull_strip", "write"}
+        # CPU seconds per stage, the same stages as the wall seconds, each a non-negative number
+        assert set(qc["cpu_seconds_by_stage"]) == set(qc["seconds"])
+        assert all(v >= 0 for v in qc["cpu_seconds_by_stage"].values())
         assert 900 < qc["skull_strip"]["mask_cc"] < 2500
         assert qc["registration"]["flair"]["metric"] < -0.3
         for rel in qc["transforms"].values():
