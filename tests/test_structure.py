@@ -218,7 +218,6 @@ OVERSIZED_CLASSES: dict[str, int] = {
     "segmerge/inference/predictor.py::BratsPredictor": 320,
     "segmerge/objectives/objective_set.py::ObjectiveSet": 452,
     "segmerge/step/_train_step.py::TrainStep": 489,
-    "segmerge/study/runner.py::Study": 707,
 }
 
 
