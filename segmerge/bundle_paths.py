@@ -20,8 +20,11 @@ means the bundle that holds that file.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from segmerge.overrides import find_expression
 
 __all__ = [
     "CONFIGS_ENV",
@@ -102,10 +105,6 @@ def read_network_record(model_path: str | os.PathLike) -> dict | None:
     Raises:
         ValueError: naming the file and the rule it breaks.
     """
-    import json
-
-    from segmerge.overrides import find_expression
-
     path = Path(model_path).with_name(NETWORK_RECORD)
     if not path.is_file():
         return None

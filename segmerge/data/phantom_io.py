@@ -7,6 +7,7 @@ written once per generation arguments (:func:`phantom_cache_dir`) and published 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,7 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from segmerge.atomic import default_mode
 from segmerge.conventions import MODALITIES, check_et_label
@@ -94,8 +97,6 @@ def write_phantom_dataset(
         raise ValueError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), i, int(size), int(seed), et_label, layout) for i in range(int(cases))]
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(jobs), desc=f"phantoms {size}³", unit="case", disable=not progress)
     results: dict[str, dict] = {}
     try:
@@ -162,13 +163,11 @@ def write_preview(
     Returns:
         The PNG path.
     """
-    import io
-
+    # Agg selected for a preview only: importing segmerge.data leaves the user's backend alone
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
 
     items = list(items)[: max(1, int(max_cases))]
     if not items:

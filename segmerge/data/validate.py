@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from segmerge.conventions import MODALITIES, check_et_label, label_set
 from segmerge.data.dataset import DatasetSpec
@@ -128,7 +129,6 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     return data, img.affine
-
 
 
 def check_case(
@@ -310,7 +310,6 @@ def validate_dataset(
     for cid, n in seen.items():
         if n > 1:
             problems.append(Problem(cid, "-", "case ids are unique", f"{n} cases named {cid}"))
-    from tqdm.auto import tqdm
 
     def check(pair: tuple[str, dict]) -> list[Problem]:
         return check_case(

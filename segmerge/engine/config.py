@@ -283,7 +283,7 @@ def load_config(
         if not Path(extra).is_file():
             raise ConfigError(f"--config {extra}: no such file")
     if checkpoint is not None:
-        from segmerge.engine.checkpoint import restore_config
+        from segmerge.engine.checkpoint import restore_config  # cycle: checkpoint imports config
 
         # config files are code: merged first, so that the checkpoint's data may refer to them
         for extra in files:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from tqdm.auto import tqdm
 
 from segmerge.aggregation import ObservesValidation
 from segmerge.engine.checkpoint import TrainingState, atomic_torch_save
@@ -80,8 +81,6 @@ class Console:
     def progress_bar(self, enabled: bool, total: int, initial: int) -> Iterator[Any]:
         """A tqdm bar of the steps (rank 0 and ``enabled`` only; else None)."""
         if self.is_main and enabled:
-            from tqdm.auto import tqdm  # imported only when a bar is shown
-
             self.bar = tqdm(
                 total=total, initial=initial, desc="train", unit="step",
                 dynamic_ncols=True, mininterval=1.0, file=sys.stderr,

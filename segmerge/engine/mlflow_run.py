@@ -19,8 +19,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import monai
 import torch
+from mlflow.tracking import MlflowClient
 
 import segmerge
 from segmerge.engine.config import ConfigError
@@ -62,8 +64,6 @@ def run_to_continue(
     """
     if not old:
         return None, "resume: the checkpoint names no MLflow run; starting a new run"
-    from mlflow.tracking import MlflowClient  # mlflow is imported when a run needs it
-
     bound_http_requests()
     try:
         run = MlflowClient(tracking_uri=tracking_uri).get_run(old)
@@ -88,8 +88,6 @@ def run_params(
     parts: Parts, resolved: Mapping[str, Any], data: Mapping[str, Any], world: int, device: Any
 ) -> dict[str, Any]:
     """The params of a new run (flattened by the tracker)."""
-    import mlflow
-
     return {
         "config": resolved,
         "aggregator_repr": repr(parts.aggregator),
@@ -238,7 +236,9 @@ class MlflowRun:
     def log_window(self, metrics: StepMetrics, epoch: int) -> None:
         """Cosine / alpha / weight matrices of the steps since the last validation, as artifacts
         (``matrices/epoch_<n>/``: labelled heatmaps, JSON and CSV; any number of objectives)."""
-        from segmerge.engine import plots  # matplotlib: imported when plotting
+        # plots selects matplotlib's Agg backend on import: imported when plotting, so that
+        # importing segmerge.engine leaves the user's backend alone
+        from segmerge.engine import plots
 
         window = metrics.take_window()
         if not self.is_main or not window["names"]:
@@ -257,7 +257,7 @@ class MlflowRun:
         """The end-of-run plots and the weights as artifacts, then the tags of a completed run
         (``weights``: ``best`` or ``last``, of epoch ``weights_epoch``); the line that says the
         weights were not uploaded (None when they were)."""
-        from segmerge.engine import plots
+        from segmerge.engine import plots  # imported when plotting (see log_window)
 
         tracker = self.tracker
         tracker.retry_now()  # the end of the run: worth one more try of a failing store

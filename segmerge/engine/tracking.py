@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from segmerge.atomic import atomic_destination
 from segmerge.engine.store import (
     DEGRADED_BOUNDS,
     TrackingError,
@@ -31,6 +35,7 @@ from segmerge.engine.store import (
     sqlite_path,
     ui_command,
 )
+from segmerge.objectives.names import metric_key  # subset names hold '+' (not allowed)
 
 __all__ = [
     "Tracker",
@@ -94,8 +99,6 @@ class Tracker:
         if not enabled:
             return
         bound_http_requests()
-        from mlflow.tracking import MlflowClient
-
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is not None:
@@ -170,8 +173,6 @@ class Tracker:
         """Log params (flattened, truncated); keys already logged with another value are skipped."""
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
         flat = flatten_params(dict(params))
         try:
             existing = self._call("get_run", self.client.get_run, self.run_id).data.params
@@ -192,8 +193,6 @@ class Tracker:
         self._send_tags()
 
     def _send_tags(self) -> None:
-        from mlflow.entities import RunTag
-
         if not self._tags:
             return
         tags = [RunTag(k, v) for k, v in self._tags.items()]
@@ -208,10 +207,6 @@ class Tracker:
         """Queue metric values of one step (sent by :meth:`flush`)."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
-        from segmerge.objectives.names import metric_key  # subset names hold '+' (not allowed)
-
         now = int(time.time() * 1000)
         for key, value in values.items():
             self._metrics.append(Metric(metric_key(key), float(value), now, int(step)))
@@ -294,8 +289,6 @@ class Tracker:
         how many (nothing is written when none are pending)."""
         if not self._metrics:
             return 0
-        from segmerge.atomic import atomic_destination
-
         with atomic_destination(path) as tmp, open(tmp, "w") as fh:
             for m in self._metrics:
                 row = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}

@@ -28,6 +28,7 @@ from segmerge.conventions import REGIONS, region_scores, voxel_spacing
 from segmerge.engine.dist import all_reduce as _all_reduce
 from segmerge.engine.dist import rank_world as _rank_world
 from segmerge.inference.lesionwise import lesion_metrics
+from segmerge.objectives.names import ogr_head
 
 LESION_MEANS = ("lesion_dice", "lesion_hd95", "lesion_f1")
 """Official lesion-wise metrics averaged at validation (the cheap part of the official set)."""
@@ -307,8 +308,6 @@ def heads_of(losses: Mapping[str, float]) -> dict[str, float]:
     full-set subset row); a modality head's is ``modality.<m>``'s (or ``subset.<m>``'s); see
     :func:`segmerge.objectives.names.ogr_head`. Keys are head names: ``fused``, ``flair``...
     """
-    from segmerge.objectives.names import ogr_head
-
     out: dict[str, float] = {}
     for name, value in losses.items():
         head = ogr_head(name)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segmerge.bundle_paths import config_dir as find_config_dir
 from segmerge.hints import suggest
 
 __all__ = [
@@ -62,9 +63,7 @@ class Budget:
 def _config_dir(config_dir: str | Path | None) -> Path:
     if config_dir is not None:
         return Path(config_dir)
-    from segmerge.bundle_paths import config_dir as find
-
-    return find("compare.json")  # the file read here, looked up like every other config
+    return find_config_dir("compare.json")  # the file read here, looked up like every other config
 
 
 def load_study_config(config_dir: str | Path | None = None) -> dict[str, Any]:

@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from segmerge.atomic import write_text_atomic
 from segmerge.conventions import MODALITIES, REGIONS
+from segmerge.inference import atomic_write_text, build_predictor
+from segmerge.inference.evaluate import evaluate_subsets_per_case as per_case
+from segmerge.inference.evaluate import write_robustness
 
 __all__ = [
     "ALL_SEQUENCES",
@@ -200,8 +206,6 @@ def write_validation_datalist(items: Sequence[Mapping[str, Any]], path: str | Pa
     Raises:
         ValueError: no item, or an item without a label.
     """
-    from segmerge.inference import atomic_write_text
-
     if not items:
         raise ValueError("evaluation needs at least one validation case, the dataset has none")
     rows = []
@@ -255,12 +259,7 @@ def evaluate_model(
     Raises:
         ValueError: the weights do not fit ``network_def``, or no case could be scored.
     """
-    from segmerge.inference import build_predictor
-    from segmerge.inference.evaluate import write_robustness
-
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = build_predictor(
         config_file,
@@ -286,8 +285,6 @@ def evaluate_subsets_per_case(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
     """The 15-subset rows and every case's scores
     (:func:`segmerge.inference.evaluate.evaluate_subsets_per_case` on all subsets)."""
-    from segmerge.inference.evaluate import evaluate_subsets_per_case as per_case
-
     return per_case(predictor, datalist, "all")
 
 
@@ -299,18 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     :meth:`EvaluationResult.to_dict` JSON is written, atomically) and ``num_threads`` (intra-op
     threads, optional). Exit status 0 on success, 1 with the error on stderr otherwise.
     """
-    import sys
-
-    from segmerge.atomic import write_text_atomic
-
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python -m segmerge.study.evaluation SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
     if spec.get("num_threads"):
-        import torch
-
         torch.set_num_threads(int(spec.pop("num_threads")))
     spec.pop("num_threads", None)
     result_path = Path(spec.pop("result"))

@@ -48,6 +48,7 @@ import numpy as np
 
 from segmerge.conventions import REGIONS
 from segmerge.study.evaluation import ALL_SEQUENCES, T1CE_MISSING, EvaluationResult
+from segmerge.study.stats import compare_with_reference, seed_interval
 
 __all__ = [
     "MethodSummary",
@@ -211,8 +212,6 @@ def study_statistics(
     comparison with ``reference`` per (validation case x seed), Holm-adjusted over the methods
     compared (per endpoint), with a verdict at ``alpha``.
     """
-    from segmerge.study.stats import compare_with_reference, seed_interval
-
     by_key = {(r.method, r.seed): r for r in runs}
     entries: dict[str, Any] = {}
     for m in methods:
@@ -476,6 +475,7 @@ def study_markdown(
 
 # ---------------------------------------------------------------------------------- plots
 def _plt() -> Any:
+    # Agg selected when plotting only: importing segmerge.study leaves the user's backend alone
     import matplotlib
 
     matplotlib.use("Agg")
@@ -485,7 +485,7 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    from segmerge.engine.plots import save_figure
+    from segmerge.engine.plots import save_figure  # selects Agg on import: imported when plotting
 
     return save_figure(fig, path)
 

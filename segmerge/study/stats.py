@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 __all__ = [
     "ALPHA",
@@ -88,8 +89,6 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> SeedInte
     Raises:
         ValueError: ``confidence`` outside (0, 1).
     """
-    from scipy import stats
-
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
@@ -123,8 +122,6 @@ def paired_comparison(
     Raises:
         ValueError: different lengths, no pair, or a non-finite score.
     """
-    from scipy import stats
-
     a = np.asarray(method, dtype=float)
     b = np.asarray(reference, dtype=float)
     if a.shape != b.shape or a.ndim != 1:
