@@ -54,6 +54,7 @@ def phantoms_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preview", default=None, help="also write a montage PNG of the first cases")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    # after parsing: --help stays fast
     from segmerge.data.phantom_io import write_phantom_dataset, write_preview
 
     t0 = time.perf_counter()
@@ -117,6 +118,7 @@ def check_data_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="cases read at once (default 2)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    # after parsing: --help stays fast
     from segmerge.data.validate import format_problems, validate_dataset
 
     try:

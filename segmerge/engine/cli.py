@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.continue_run and not opts.resume:
             raise ConfigError("--continue-run only applies with --resume CHECKPOINT")
         if opts.resume:
+            # after parsing: --help stays fast
             from segmerge.engine.checkpoint import load_checkpoint, resolve_resume_path
 
             path = resolve_resume_path(opts.resume)
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint = (resume_state, path)  # its configuration is data, never evaluated
             opts.resume = str(path)
         parser = load_config(opts, checkpoint=checkpoint)
+        # after parsing: --help stays fast
         from segmerge.engine.trainer import Trainer, TrainingFailed, format_summary
 
         trainer = Trainer(
@@ -74,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_status
     if result.rank != 0:
         return 130 if result.interrupted else 0
+    # after parsing: --help stays fast
     from segmerge.engine.result import write_result
 
     try:

@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.get("help"):
         print(usage())
         return 0
+    # after parsing: --help stays fast
     from segmerge.study.budgets import default_methods, get_budget, study_defaults
     from segmerge.study.runner import Study, StudyError, StudySettings, method_train_command
 
