@@ -6,6 +6,7 @@ Phantoms on real anatomy (MNI152 from nilearn's wheel)::
     python -m segmerge check-data data/phantoms
 """
 
+from segmerge.atomic import write_bytes_atomic
 from segmerge.data.anatomy import Anatomy, mni_anatomy
 from segmerge.data.dataset import (
     LAYOUTS,
@@ -18,7 +19,7 @@ from segmerge.data.dataset import (
     load_dataset,
     split_cases,
 )
-from segmerge.data.nifti import save_nifti, write_bytes_atomic
+from segmerge.data.nifti import save_nifti
 from segmerge.data.phantom import PhantomCase, make_phantom_case
 from segmerge.data.phantom_io import (
     cached_phantoms,

@@ -15,12 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segmerge.atomic import write_bytes_atomic as _write_bytes_atomic
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :mod:`segmerge.atomic`)."""
-    return _write_bytes_atomic(path, data)
+from segmerge.atomic import write_bytes_atomic
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:

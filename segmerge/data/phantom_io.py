@@ -21,11 +21,11 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from segmerge.atomic import default_mode
+from segmerge.atomic import default_mode, write_bytes_atomic
 from segmerge.conventions import MODALITIES, check_et_label
 from segmerge.data.anatomy import mni_anatomy
 from segmerge.data.dataset import DATALIST_NAME, case_file_names, case_id_for, split_cases
-from segmerge.data.nifti import save_nifti, write_bytes_atomic
+from segmerge.data.nifti import save_nifti
 from segmerge.data.phantom import make_phantom_case
 
 

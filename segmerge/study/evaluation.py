@@ -34,7 +34,7 @@ import torch
 
 from segmerge.atomic import write_text_atomic
 from segmerge.conventions import MODALITIES, REGIONS
-from segmerge.inference import atomic_write_text, build_predictor
+from segmerge.inference import build_predictor
 from segmerge.inference.evaluate import evaluate_subsets_per_case as per_case
 from segmerge.inference.evaluate import write_robustness
 
@@ -221,7 +221,7 @@ def write_validation_datalist(items: Sequence[Mapping[str, Any]], path: str | Pa
         rows.append(row)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"validation": rows}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps({"validation": rows}, indent=1) + "\n")
     return path
 
 
