@@ -203,7 +203,8 @@ class Trainer:
                         device=s.device, max_epochs=s.epochs,
                         train_data_loader=self.data.loader(s, start, self.rank, self.world),
                         network=parts.network, optimizer=parts.optimizer,
-                        loss_function=parts.objectives, epoch_length=s.steps_per_epoch, decollate=False,
+                        loss_function=None,  # MONAI requires it; Iteration computes the loss
+                        epoch_length=s.steps_per_epoch, decollate=False,
                         iteration_update=Iteration(parts, s.device, s.amp, self.data.ogr_val_patches),
                     )  # fmt: skip
                     engine.state.iteration = start
