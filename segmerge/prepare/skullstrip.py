@@ -2,9 +2,10 @@
 
 The template is nilearn's skull-stripped ICBM152 2009a T1 (read from the installed wheel, no
 download; see :func:`segmerge.data.anatomy.template_dir`); its brain mask is ``T1 > 0.2 max``
-(docs/data.md). The template is registered to the case (affine, Mattes MI, metric restricted to
-a dilated template brain so the case's skull and scalp outside it carry no weight), optionally
-refined with a coarse B-spline, and its brain mask is warped onto the case's grid.
+(the skull-stripped template is zero outside the brain). The template is registered to the
+case (affine, Mattes MI, metric restricted to a dilated template brain so the case's skull and
+scalp outside it carry no weight), optionally refined with a coarse B-spline, and its brain
+mask is warped onto the case's grid.
 """
 
 from __future__ import annotations
