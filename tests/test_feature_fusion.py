@@ -17,7 +17,7 @@ from segmerge.nets import SharedModalityUNet
 from segmerge.nets.shared import SubsetHeads
 from segmerge.objectives import ObjectiveSet, RegionLoss, resize_target
 from segmerge.objectives.names import modality_subsets, parse_objective, subset_label
-from segmerge.step import TrainStep, graph_reach, objective_roots, shared_bits
+from segmerge.step import TrainStep
 
 
 def tiny(**kw) -> SharedModalityUNet:
@@ -147,42 +147,6 @@ def test_encoders_once_decoder_once_per_subset():
     assert calls == {"enc": 4, "dec": 5 + len(mixed)}
 
 
-def test_reach_decoder_every_subset_norms_only_their_modalities():
-    net = tiny()
-    x, t = batch(b=2)
-    nl = ObjectiveSet(subsets="all", subset_depths=[0], fused=False)(net(x), t)
-    names = [n for n, _ in net.named_parameters()]
-    params = list(net.parameters())
-    reach = graph_reach(objective_roots(nl.losses), {id(p): j for j, p in enumerate(params)})
-
-    def modality_of(pname: str) -> str | None:
-        parts = pname.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part in ("norm1", "norm2") and parts[i + 1] in MODALITIES:
-                return parts[i + 1]
-        return None
-
-    deep_head = {n for n in names if n.startswith("heads.d1.")}
-    decoder_norms = {n for n in names if n.startswith("decoder.") and ".norm" in n}
-    assert decoder_norms and all(
-        ".norm1.fused." in n or ".norm2.fused." in n for n in decoder_norms
-    )
-    for row, bits in zip(nl.names, reach):
-        subset = set(parse_objective(row).modalities)
-        got = {names[j] for j in range(len(names)) if bits >> j & 1}
-        want = {
-            n for n in names
-            if n not in deep_head and (modality_of(n) is None or modality_of(n) in subset)
-        }  # fmt: skip
-        assert got == want, row
-        assert decoder_norms <= got
-    shared = {names[j] for j in range(len(names)) if shared_bits(reach) >> j & 1}
-    assert shared == {n for n in names if modality_of(n) is None and n not in deep_head}
-    groups = net.parameter_groups()
-    assert set(groups) == {"shared"} | {f"norm.{m}" for m in MODALITIES}
-    assert shared == set(groups["shared"]) - deep_head
-
-
 def test_outputs_jacobian_sees_every_decoded_subset_head():
     """jacobian='outputs' with Sum: the update is the summed gradient (mixed subsets included)."""
     x, t = batch(b=2)
@@ -227,37 +191,8 @@ def test_two_gmd_steps_train(jacobian):
     assert all(moved)
 
 
-def test_script_trace_and_bundle_check(tmp_path):
-    import json
-
-    from monai.bundle import verify_net_in_out
-
-    from segmerge.bundle_paths import config_dir
-
-    net = tiny(modalities=("flair", "t2"), features=(4, 8), deep_supervision=1).eval()
-    x = torch.randn(1, 2, 8, 8, 8)
-    available = torch.tensor([[False, True]])
-    with torch.no_grad():
-        scripted = torch.jit.script(net)
-        torch.testing.assert_close(scripted(x, available), net(x, available))
-        traced = torch.jit.trace(net, (x,), check_trace=False)
-        torch.testing.assert_close(traced(x), net(x))
-    scripted.train()
-    heads = scripted(x, available)  # TorchScript in train mode: a plain dict of the heads
-    assert set(heads) == set(net.output_names())
-    folder = config_dir("inference.json")
-    cfg = json.loads((folder / "inference.json").read_text())
-    cfg["network_def"] = {
-        "_target_": "segmerge.nets.SharedModalityUNet",
-        "features": [4, 8, 8, 16],
-        "fusion": "features",
-    }
-    path = tmp_path / "inference.json"
-    path.write_text(json.dumps(cfg))
-    verify_net_in_out(
-        net_id="network_def", meta_file=str(folder / "metadata.json"), config_file=str(path),
-        device="cpu", n=1,
-    )  # fmt: skip
+# TorchScript, tracing and MONAI's bundle check with fusion='features', and reach / the shared
+# mask: tests/test_shared_nets.py, parametrised over both fusions.
 
 
 def test_errors_name_the_rule():

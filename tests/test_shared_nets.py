@@ -115,8 +115,11 @@ def test_parameters_are_shared_except_per_modality_norms():
         SharedModalityUNet(fusion="mean")
 
 
-def test_script_and_trace_export_equal_eager():
-    net = tiny_shared(modalities=("flair", "t2"), features=(4, 8), deep_supervision=1).eval()
+@pytest.mark.parametrize("fusion", ["logits", "features"])
+def test_script_and_trace_export_equal_eager(fusion):
+    net = tiny_shared(
+        modalities=("flair", "t2"), features=(4, 8), deep_supervision=1, fusion=fusion
+    ).eval()
     x = torch.randn(1, 2, 8, 8, 8)
     available = torch.tensor([[False, True]])
     with torch.no_grad():
@@ -124,10 +127,15 @@ def test_script_and_trace_export_equal_eager():
         torch.testing.assert_close(scripted(x, available), net(x, available))
         traced = torch.jit.trace(net, (x,), check_trace=False)
         torch.testing.assert_close(traced(x), net(x))
+    scripted.train()
+    heads = scripted(x, available)  # TorchScript in train mode: a plain dict of the heads
+    assert set(heads) == set(net.output_names())
 
 
-def test_bundle_verify_net_in_out_with_default_arguments(tmp_path):
-    """MONAI's bundle check on the shared network (inference.json with its network_def)."""
+@pytest.mark.parametrize("fusion", ["logits", "features"])
+def test_bundle_verify_net_in_out_with_default_arguments(tmp_path, fusion):
+    """MONAI's bundle check on the shared network (inference.json with its network_def), with
+    either fusion."""
     import json
 
     from monai.bundle import verify_net_in_out
@@ -136,7 +144,11 @@ def test_bundle_verify_net_in_out_with_default_arguments(tmp_path):
 
     folder = config_dir("inference.json")
     cfg = json.loads((folder / "inference.json").read_text())
-    cfg["network_def"] = {"_target_": "segmerge.nets.SharedModalityUNet", "features": [4, 8, 8, 16]}
+    cfg["network_def"] = {
+        "_target_": "segmerge.nets.SharedModalityUNet",
+        "features": [4, 8, 8, 16],
+        "fusion": fusion,
+    }
     path = tmp_path / "inference.json"
     path.write_text(json.dumps(cfg))
     verify_net_in_out(
@@ -218,8 +230,12 @@ def test_drawn_subsets_seeded_resumable_and_all_without_grad():
 # ---------------------------------------------------------------------------- reach and cosines
 
 
-def test_reach_shared_mask_is_exactly_the_shared_tensors():
-    net = tiny_shared()
+@pytest.mark.parametrize("fusion", ["logits", "features"])
+def test_reach_shared_mask_is_exactly_the_shared_tensors(fusion):
+    """The shared tensors are reached by every subset row, a modality's norms only by the rows
+    whose subset holds it; with feature fusion the decoder (and its own ``fused`` norms) is
+    reached by every row."""
+    net = tiny_shared(fusion=fusion)
     x, t = torch.randn(2, 4, 16, 16, 16), (torch.rand(2, 3, 16, 16, 16) > 0.7).float()
     nl = ObjectiveSet(subsets="all", subset_depths=[0], fused=False)(net(x), t)
     names = [n for n, _ in net.named_parameters()]
@@ -229,11 +245,14 @@ def test_reach_shared_mask_is_exactly_the_shared_tensors():
     def modality_of(pname: str) -> str | None:
         parts = pname.split(".")
         for i, part in enumerate(parts[:-1]):
-            if part in ("norm1", "norm2"):
+            if part in ("norm1", "norm2") and parts[i + 1] in MODALITIES:
                 return parts[i + 1]
         return None
 
     deep_head = {n for n in names if n.startswith("heads.d1.")}
+    decoder_norms = {n for n in names if n.startswith("decoder.") and ".norm" in n}
+    if fusion == "features":  # one decoder on fused features, with its own shared norms
+        assert decoder_norms and all(".fused." in n for n in decoder_norms)
     for row, bits in zip(nl.names, reach):
         subset = set(parse_objective(row).modalities)
         got = {names[j] for j in range(len(names)) if bits >> j & 1}
@@ -242,9 +261,13 @@ def test_reach_shared_mask_is_exactly_the_shared_tensors():
             if n not in deep_head and (modality_of(n) is None or modality_of(n) in subset)
         }  # fmt: skip
         assert got == want, row
+        if fusion == "features":
+            assert decoder_norms <= got
     shared = {names[j] for j in range(len(names)) if shared_bits(reach) >> j & 1}
     assert shared == {n for n in names if modality_of(n) is None and n not in deep_head}
-    assert shared == set(net.parameter_groups()["shared"]) - deep_head
+    groups = net.parameter_groups()
+    assert set(groups) == {"shared"} | {f"norm.{m}" for m in MODALITIES}
+    assert shared == set(groups["shared"]) - deep_head
 
 
 @pytest.mark.parametrize(
