@@ -222,6 +222,41 @@ class PredictionReport:
         return "\n".join(lines)
 
 
+def _earlier_prediction_problem(case_id: str, output_dir: Path, probabilities: bool) -> str | None:
+    """Why the existing outputs of ``case_id`` are not a complete prediction, or ``None``.
+
+    Complete: the sidecar ``.json`` parses and names the label map, the label map passes the
+    header check and decompresses entirely to the recorded shape, and the probability map
+    exists when this run writes one (``probabilities``). Anything else (a run killed by a full disk between the
+    two files, a truncated file) is predicted again rather than kept.
+    """
+    sidecar_path = inside(output_dir, f"{case_id}.json")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except FileNotFoundError:
+        return f"incomplete ({sidecar_path.name} missing)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"incomplete ({sidecar_path.name} unreadable: {type(err).__name__})"
+    if not isinstance(sidecar, dict) or sidecar.get("prediction") != f"{case_id}.nii.gz":
+        return f"incomplete ({sidecar_path.name} does not describe {case_id}.nii.gz)"
+    try:
+        labels, _ = load_volume(inside(output_dir, f"{case_id}.nii.gz"))
+    except Exception as err:  # nibabel/gzip raise many types for truncated files
+        return f"damaged ({case_id}.nii.gz unreadable: {type(err).__name__}: {err})"[:300]
+    if list(labels.shape) != list(sidecar.get("shape", labels.shape))[:3]:
+        return f"damaged ({case_id}.nii.gz has shape {list(labels.shape)}, sidecar says {sidecar.get('shape')})"
+    if probabilities and not probabilities_path(output_dir, case_id).is_file():
+        return f"incomplete ({probabilities_path(output_dir, case_id).name} missing)"
+    return None
+
+def _kept_sequences(case: CaseInputs, output_dir: Path) -> list[str]:
+    try:
+        used = json.loads(inside(output_dir, f"{case.case_id}.json").read_text())
+        return [m for m in MODALITIES if m in used.get("sequences_used", [])]
+    except (OSError, ValueError, AttributeError):
+        return [m for m in MODALITIES if m in case.images]
+
+
 class BratsPredictor:
     """Sliding-window BraTS prediction written in each input's own geometry.
 
@@ -385,9 +420,9 @@ class BratsPredictor:
         try:
             target = inside(output_dir, f"{case.case_id}.nii.gz")
             if target.exists() and not self.overwrite:
-                replaced = self._damaged(case.case_id, output_dir)
+                replaced = _earlier_prediction_problem(case.case_id, output_dir, self.probabilities)
                 if replaced is None:
-                    return CaseResult(case.case_id, "kept", tuple(self._kept_used(case, output_dir)))
+                    return CaseResult(case.case_id, "kept", tuple(_kept_sequences(case, output_dir)))
                 logger.warning("%s: earlier output %s: predicting again", case.case_id, replaced)
             t0 = time.perf_counter()
             ref = self.check_inputs(case)
@@ -414,41 +449,6 @@ class BratsPredictor:
             target,
         )
         return CaseResult(case.case_id, "predicted", used, seconds=seconds, replaced=replaced)
-
-    def _damaged(self, case_id: str, output_dir: Path) -> str | None:
-        """Why the existing outputs of ``case_id`` are not a complete prediction, or ``None``.
-
-        Complete: the sidecar ``.json`` parses and names the label map, the label map passes the
-        header check and decompresses entirely to the recorded shape, and the probability map
-        exists when this run writes one. Anything else (a run killed by a full disk between the
-        two files, a truncated file) is predicted again rather than kept.
-        """
-        sidecar_path = inside(output_dir, f"{case_id}.json")
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except FileNotFoundError:
-            return f"incomplete ({sidecar_path.name} missing)"
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            return f"incomplete ({sidecar_path.name} unreadable: {type(err).__name__})"
-        if not isinstance(sidecar, dict) or sidecar.get("prediction") != f"{case_id}.nii.gz":
-            return f"incomplete ({sidecar_path.name} does not describe {case_id}.nii.gz)"
-        try:
-            labels, _ = load_volume(inside(output_dir, f"{case_id}.nii.gz"))
-        except Exception as err:  # nibabel/gzip raise many types for truncated files
-            return f"damaged ({case_id}.nii.gz unreadable: {type(err).__name__}: {err})"[:300]
-        if list(labels.shape) != list(sidecar.get("shape", labels.shape))[:3]:
-            return f"damaged ({case_id}.nii.gz has shape {list(labels.shape)}, sidecar says {sidecar.get('shape')})"
-        if self.probabilities and not probabilities_path(output_dir, case_id).is_file():
-            return f"incomplete ({probabilities_path(output_dir, case_id).name} missing)"
-        return None
-
-    @staticmethod
-    def _kept_used(case: CaseInputs, output_dir: Path) -> list[str]:
-        try:
-            used = json.loads(inside(output_dir, f"{case.case_id}.json").read_text())
-            return [m for m in MODALITIES if m in used.get("sequences_used", [])]
-        except (OSError, ValueError, AttributeError):
-            return [m for m in MODALITIES if m in case.images]
 
     def _write(
         self,
