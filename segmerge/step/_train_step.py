@@ -27,6 +27,10 @@ recomputed every N steps; in between one backward of Σ_k c_k L_k (c matched by 
 gives Jᵀc directly, followed by the same masked-merge scaling with the shared set of the current
 objectives.
 
+The bodies of the three kinds of step (exact, amortised, output-space) are functions of the
+``TrainStep`` in :mod:`segmerge.step._modes`; :class:`StepReport` lives in
+:mod:`segmerge.step._report`.
+
 Nothing on the per-step path reads a tensor value on the host: the skip decision is a device
 flag (see :mod:`segmerge.step._guard`), the skip counter is a tensor, and the report holds
 device tensors for the engine to log in batches.
@@ -34,24 +38,18 @@ device tensors for the engine to log in batches.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from segmerge.aggregation import AggregationResult, Aggregator, gramian
+from segmerge.aggregation import Aggregator
 from segmerge.step._guard import GuardedOptimizerStep
-from segmerge.step._jacobian import (
-    ParamLayout,
-    disjoint_groups,
-    gradient_into,
-    jacobian_batched,
-    jacobian_loop,
-)
-from segmerge.step._reach import graph_reach, objective_roots, shared_bits
+from segmerge.step._jacobian import ParamLayout
+from segmerge.step._modes import amortised_step, exact_step, output_list, outputs_step
+from segmerge.step._reach import graph_reach, objective_roots
+from segmerge.step._report import StepReport, _NamedLosses
 
 __all__ = ["AUTO_STRATEGY", "JACOBIAN_MODES", "StepReport", "TrainStep"]
 
@@ -65,46 +63,6 @@ JACOBIAN_MODES: tuple[str, ...] = ("parameters", "outputs")
 #: the loop one and 2x its memory). CUDA: not measured yet, "loop" until it is. Device types not
 #: listed use "loop", which works everywhere.
 AUTO_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "loop"}
-
-
-class _NamedLosses(Protocol):
-    names: list[str]
-    losses: Tensor
-
-
-@dataclass
-class StepReport:
-    """What one training step did. Every tensor stays on the device (no host sync).
-
-    Attributes:
-        names: objective names of the rows used this step.
-        losses: (K,) detached losses (averaged over ranks under torch.distributed).
-        weights: (K,) coefficients c = C.sum(0) applied to the objectives (before the merge).
-        norms: (K,) gradient norms of the rows; None on amortised (non-refresh) steps. With
-            ``jacobian="outputs"`` these (and cosine, alpha, n_conflicts) are those of the
-            output-space gradients the coefficients came from.
-        cosine: (K, K) cosine similarities of the rows; None on amortised steps.
-        alpha: (K, K) conflict coefficients; None on amortised steps.
-        n_conflicts: 0-d count of conflicting pairs; None on amortised steps.
-        skipped: 0-d bool, True when the step was skipped (non-finite loss or gradient).
-        skipped_total: 0-d int64 running count of skipped steps.
-        grad_norm: 0-d norm of the update before clipping (None without ``clip_norm``).
-        refreshed: True when J and the coefficients were recomputed this step.
-        backward_passes: number of autograd backward passes this step ran.
-    """
-
-    names: list[str]
-    losses: Tensor
-    weights: Tensor
-    norms: Tensor | None
-    cosine: Tensor | None
-    alpha: Tensor | None
-    n_conflicts: Tensor | None
-    skipped: Tensor
-    skipped_total: Tensor
-    grad_norm: Tensor | None
-    refreshed: bool
-    backward_passes: int
 
 
 class TrainStep:
@@ -181,29 +139,7 @@ class TrainStep:
         fuse_disjoint: bool = True,
         jacobian: JacobianMode = "parameters",
     ) -> None:
-        if not isinstance(aggregator, Aggregator):
-            raise TypeError(
-                "TrainStep: aggregator must be a segmerge.aggregation.Aggregator (e.g. "
-                f"build_aggregator('gmd')), got {type(aggregator).__name__}"
-            )
-        if jacobian not in JACOBIAN_MODES:
-            raise ValueError(
-                f"TrainStep: jacobian must be 'parameters' or 'outputs', got {jacobian!r}"
-            )
-        if jacobian == "outputs" and aggregator.needs_reference:
-            raise ValueError(
-                f"TrainStep: jacobian='outputs' cannot serve {aggregator!r}: it needs the "
-                "gradient of a validation batch, whose outputs are not this step's outputs; "
-                "use jacobian='parameters'"
-            )
-        if strategy not in ("auto", "loop", "batched"):
-            raise ValueError(
-                f"TrainStep: strategy must be 'auto', 'loop' or 'batched', got {strategy!r}"
-            )
-        if int(refresh_every) < 1:
-            raise ValueError(f"TrainStep: refresh_every must be >= 1, got {refresh_every!r}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"TrainStep: clip_norm must be > 0 or None, got {clip_norm!r}")
+        _check_arguments(aggregator, strategy, refresh_every, clip_norm, jacobian)
         module = model
         if isinstance(model, nn.parallel.DistributedDataParallel):
             module = model.module
@@ -308,11 +244,11 @@ class TrainStep:
         )
         seed = self._one if self.scaler is None else self.scaler.scale(self._one)
         if refresh and self.jacobian == "outputs":
-            out = self._outputs(names, losses, roots, reach, seed, _output_list(outputs))
+            out = outputs_step(self, names, losses, roots, reach, seed, output_list(outputs))
         elif refresh:
-            out = self._exact(names, losses, roots, reach, seed, reference_losses)
+            out = exact_step(self, names, losses, roots, reach, seed, reference_losses)
         else:
-            out = self._amortised(names, losses, reach, seed)
+            out = amortised_step(self, names, losses, reach, seed)
         self.steps += 1
         return out
 
@@ -357,230 +293,6 @@ class TrainStep:
             s.get_growth_interval(),
         )
 
-    def _jacobian(
-        self, losses: Tensor, roots: list, reach: list[int], J: Tensor, seed: Tensor, retain: bool
-    ) -> tuple[list[int], int]:
-        """Fill J; return (reach, number of backward passes)."""
-        seed = seed.to(losses.dtype)  # cotangents must match the losses' dtype (autocast)
-        if self.resolved_strategy() == "batched":
-            first = self._batched_ok is None
-            try:
-                # The first try keeps the graph so that a vmap failure can fall back to loop.
-                jacobian_batched(losses, self.layout, J, seed, retain_graph=retain or first)
-                self._batched_ok = True
-                return reach, 1
-            except RuntimeError as err:
-                if not first:
-                    raise
-                self._batched_ok = False
-                warnings.warn(
-                    "TrainStep: the batched (vmap) Jacobian failed on this model "
-                    f"({str(err).splitlines()[0]}); using the loop strategy from now on",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        if self.fuse_disjoint:
-            groups = disjoint_groups(reach)
-            found = jacobian_loop(
-                roots, self.layout, J, seed, groups=groups, reach=reach, retain_graph=retain
-            )
-            return found, len(groups)
-        found = jacobian_loop(roots, self.layout, J, seed, retain_graph=retain)
-        return found, sum(r is not None for r in roots)
-
-    def _exact(
-        self,
-        names: list[str],
-        losses: Tensor,
-        roots: list,
-        reach: list[int],
-        seed: Tensor,
-        reference_losses: _NamedLosses | Tensor | None,
-    ) -> StepReport:
-        k, d = len(names), self.layout.dim
-        agg = self.aggregator
-        use_ref = agg.needs_reference
-        if use_ref and reference_losses is None:
-            raise ValueError(
-                f"TrainStep.step: {agg!r} needs a reference gradient: pass reference_losses= "
-                "(the fused objective on a validation batch)"
-            )
-        rows = k + (1 if use_ref else 0)
-        buf = self._buffer(rows, k)
-        J = buf[: k * d].view(k, d)
-        reach, passes = self._jacobian(losses, roots, reach, J, seed, retain=False)
-        reference = None
-        if use_ref:
-            ref = reference_losses.losses if hasattr(reference_losses, "losses") else reference_losses
-            reference = buf[k * d : rows * d]
-            gradient_into(ref.sum(), seed.to(ref.dtype), self.layout, reference)
-            passes += 1
-        if self.scaler is not None:
-            buf[: rows * d].div_(seed)  # unscale before the Gramian: scale-correct aggregation
-        loss_buf = buf[rows * d :]
-        loss_buf.copy_(losses.detach())
-        if self._is_distributed():
-            _all_reduce_mean(buf)
-        shared = self.layout.element_mask(shared_bits(reach))
-        result = agg(J, shared=shared, names=names, reference=reference)
-        update = result.update.to(self.layout.dtype).contiguous()
-        # Non-finite J (or reference) makes the Gramian non-finite: the aggregator reports it
-        # (and zeroes the update, leaving its own state unchanged). The losses and the update
-        # (overflow of c @ J) are checked with one reduction each, no (K, D) scan.
-        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(update.sum()) & ~result.nonfinite
-        any_reach = 0
-        for r in reach:
-            any_reach |= r
-        skipped, grad_norm = self._finish(update, ok, any_reach)
-        return self._refresh_report(names, loss_buf, result, ok, skipped, grad_norm, passes)
-
-    def _refresh_report(
-        self,
-        names: list[str],
-        loss_buf: Tensor,
-        result: AggregationResult,
-        ok: Tensor,
-        skipped: Tensor,
-        grad_norm: Tensor | None,
-        passes: int,
-    ) -> StepReport:
-        weights = result.weights
-        # Coefficients for amortised steps; a skipped refresh keeps the previous ones (or 1).
-        for i, n in enumerate(names):
-            prev = self._coef.get(n, self._one)
-            self._coef[n] = torch.where(ok, weights[i].to(self._one.dtype), prev)
-        return StepReport(
-            names=names,
-            losses=loss_buf.clone(),
-            weights=weights,
-            norms=result.norms,
-            cosine=result.cosine,
-            alpha=result.alpha,
-            n_conflicts=result.n_conflicts,
-            skipped=skipped,
-            skipped_total=self.skipped.clone(),
-            grad_norm=grad_norm,
-            refreshed=True,
-            backward_passes=passes,
-        )
-
-    def _amortised(
-        self, names: list[str], losses: Tensor, reach: list[int], seed: Tensor
-    ) -> StepReport:
-        k, d = len(names), self.layout.dim
-        c = torch.stack([self._coef[n] for n in names])
-        buf = self._buffer(1, k)
-        flat = buf[:d]
-        found = gradient_into(losses, (c * seed).to(losses.dtype), self.layout, flat)
-        if self.scaler is not None:
-            flat.div_(seed)
-        loss_buf = buf[d:]
-        loss_buf.copy_(losses.detach())
-        if self._is_distributed():
-            _all_reduce_mean(buf)
-        shared = shared_bits(reach)
-        if shared:  # the aggregator's masked merge (a no-op factor 1 when nothing is shared)
-            self.aggregator.merge_(flat, self.layout.element_mask(shared), k)
-        # One reduction over gradient and losses: NaN/Inf propagate through the sum (a finite
-        # sum overflowing float32 also counts as non-finite, which is what it is for Adam).
-        ok = torch.isfinite(buf.sum())
-        skipped, grad_norm = self._finish(flat, ok, found)
-        return StepReport(
-            names=names,
-            losses=loss_buf.clone(),
-            weights=c,
-            norms=None,
-            cosine=None,
-            alpha=None,
-            n_conflicts=None,
-            skipped=skipped,
-            skipped_total=self.skipped.clone(),
-            grad_norm=grad_norm,
-            refreshed=False,
-            backward_passes=1,
-        )
-
-    def _output_jacobian(
-        self, losses: Tensor, roots: list, layout: ParamLayout, Z: Tensor, seed: Tensor
-    ) -> int:
-        """Fill Z (K, M) with the gradients of each objective at the outputs; return passes.
-
-        These backward passes run through the losses only (autograd stops at the outputs), so
-        "loop" costs K small passes and "batched" one vmapped pass; the graph is kept for the
-        backward through the network.
-        """
-        seed = seed.to(losses.dtype)
-        if self.resolved_strategy() == "batched":
-            try:
-                jacobian_batched(losses, layout, Z, seed, retain_graph=True)
-                return 1
-            except RuntimeError as err:
-                self._batched_ok = False
-                warnings.warn(
-                    "TrainStep: the batched (vmap) output Jacobian failed "
-                    f"({str(err).splitlines()[0]}); using the loop strategy from now on",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        jacobian_loop(roots, layout, Z, seed, retain_graph=True)
-        return sum(r is not None for r in roots)
-
-    def _outputs(
-        self,
-        names: list[str],
-        losses: Tensor,
-        roots: list,
-        reach: list[int],
-        seed: Tensor,
-        outs: list[Tensor],
-    ) -> StepReport:
-        k, d = len(names), self.layout.dim
-        olay = ParamLayout(outs)
-        kdt = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
-        Z = self._zbuf
-        if Z is None or Z.shape != (k, olay.dim) or Z.dtype != kdt:
-            Z = self._zbuf = torch.empty(k, olay.dim, dtype=kdt, device=self.layout.device)
-        passes = self._output_jacobian(losses, roots, olay, Z, seed)
-        if self.scaler is not None:
-            Z.div_(seed)  # unscale before the Gramian: scale-correct coefficients
-        buf = self._buffer(1, k + k * k)  # [update (D) | losses (K) | Gramian (K*K)]
-        loss_buf = buf[d : d + k]
-        loss_buf.copy_(losses.detach())
-        G = buf[d + k :].view(k, k)
-        G.copy_(gramian(Z))
-        if self._is_distributed():
-            # Whole-batch Gramian: the batch-mean losses give Z_full = concat_r(Z_r) / W, so
-            # G_full = Σ_r Z_r Z_rᵀ / W²; the losses are averaged as in the exact mode.
-            world = torch.distributed.get_world_size()
-            _all_reduce_mean(buf[d:])
-            G.mul_(1.0 / world)  # mean over ranks / W = sum / W²
-        agg = self.aggregator
-        co = agg.coefficients(G, names)
-        c = co.C.sum(0).to(kdt)
-        # One backward of Σ c_k L_k through the network, started at the outputs with the
-        # cotangent Σ c_k z_k (the losses' part of the graph is not run again).
-        cot = (c * seed.to(kdt)) @ Z
-        flat = buf[:d]
-        found = gradient_into(
-            outs,
-            [v.to(o.dtype) for v, o in zip(olay.views(cot), outs)],
-            self.layout,
-            flat,
-        )
-        passes += 1
-        if self.scaler is not None:
-            flat.div_(seed)
-        if self._is_distributed():
-            _all_reduce_mean(flat)
-        shared = shared_bits(reach)
-        if shared:
-            agg.merge_(flat, self.layout.element_mask(shared), k)
-        flat.masked_fill_(co.nonfinite, 0.0)
-        ok = torch.isfinite(loss_buf.sum()) & torch.isfinite(flat.sum()) & ~co.nonfinite
-        skipped, grad_norm = self._finish(flat, ok, found)
-        result = AggregationResult.from_gramian(flat, G, co, names)
-        return self._refresh_report(names, loss_buf, result, ok, skipped, grad_norm, passes)
-
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step counter, skip counter and the amortised coefficients (for exact resume)."""
@@ -598,25 +310,32 @@ class TrainStep:
         self._coef = {n: c.to(device=dev, dtype=dt) for n, c in state["coefficients"].items()}
 
 
-def _output_list(outputs: Mapping[str, Tensor] | Sequence[Tensor] | None) -> list[Tensor]:
-    """The output tensors of ``step(outputs=)`` that carry a graph, or a clear error."""
-    if outputs is None:
-        raise ValueError(
-            "TrainStep.step: jacobian='outputs' needs outputs=: the network's output tensors "
-            "the objectives are computed from (e.g. the dict of named heads)"
+def _check_arguments(
+    aggregator: Aggregator,
+    strategy: str,
+    refresh_every: int,
+    clip_norm: float | None,
+    jacobian: str,
+) -> None:
+    """Raise on a ``TrainStep(...)`` argument outside its domain (the messages name it)."""
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(
+            "TrainStep: aggregator must be a segmerge.aggregation.Aggregator (e.g. "
+            f"build_aggregator('gmd')), got {type(aggregator).__name__}"
         )
-    items = list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
-    outs = [o for o in items if isinstance(o, Tensor) and o.requires_grad]
-    if not outs:
+    if jacobian not in JACOBIAN_MODES:
+        raise ValueError(f"TrainStep: jacobian must be 'parameters' or 'outputs', got {jacobian!r}")
+    if jacobian == "outputs" and aggregator.needs_reference:
         raise ValueError(
-            "TrainStep.step: none of the outputs= tensors requires grad (pass the forward "
-            "pass's outputs, not detached copies)"
+            f"TrainStep: jacobian='outputs' cannot serve {aggregator!r}: it needs the "
+            "gradient of a validation batch, whose outputs are not this step's outputs; "
+            "use jacobian='parameters'"
         )
-    return outs
-
-
-def _all_reduce_mean(buf: Tensor) -> None:
-    """Average ``buf`` over ranks in place (one collective; gloo has no AVG, so SUM / world)."""
-    dist = torch.distributed
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    buf.div_(dist.get_world_size())
+    if strategy not in ("auto", "loop", "batched"):
+        raise ValueError(
+            f"TrainStep: strategy must be 'auto', 'loop' or 'batched', got {strategy!r}"
+        )
+    if int(refresh_every) < 1:
+        raise ValueError(f"TrainStep: refresh_every must be >= 1, got {refresh_every!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"TrainStep: clip_norm must be > 0 or None, got {clip_norm!r}")
