@@ -38,13 +38,15 @@ fused path handles missing inputs itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from segmerge.conventions import MODALITIES
+from segmerge.objectives._subsets import SubsetDraws, fused_subsets
 from segmerge.objectives.losses import RESIZE_MODES, RegionLoss, resize_target
 from segmerge.objectives.names import (
     FUSED,
@@ -101,6 +103,71 @@ class NamedLosses:
         return self.losses.sum()
 
 
+# ---------------------------------------------------------------------- argument checks
+def _check_subsets(
+    subsets: str | int | None, modalities: Sequence[str], n_proper: int
+) -> str | int | None:
+    """``subsets=`` checked (a digit string taken as its int)."""
+    if isinstance(subsets, str) and subsets.isdigit():
+        subsets = int(subsets)
+    if subsets is None or subsets in SUBSET_CHOICES:
+        pass
+    elif isinstance(subsets, int) and not isinstance(subsets, bool):
+        if not 1 <= subsets <= n_proper:
+            raise ValueError(
+                f"subsets={subsets!r}: an int k must be between 1 and {n_proper} (the proper "
+                f"non-empty subsets of {len(modalities)} modalities); use 'all' for all"
+            )
+    else:
+        raise ValueError(
+            f"subsets must be None, one of {SUBSET_CHOICES} or an int k, got {subsets!r}"
+            + suggest(str(subsets), SUBSET_CHOICES)
+        )
+    return subsets
+
+
+def _check_subset_depths(subset_depths: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``subset_depths=`` checked and sorted."""
+    if subset_depths is None:
+        return None
+    depths = tuple(int(d) for d in subset_depths)
+    if not depths or any(d < 0 for d in depths) or len(set(depths)) != len(depths):
+        raise ValueError(f"subset_depths must list distinct depths >= 0, got {subset_depths!r}")
+    return tuple(sorted(depths))
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return int(seed)
+
+
+def _check_depth_weights(depth_weights: str | Sequence[float]) -> str | tuple[float, ...]:
+    """``depth_weights=`` checked: a name of :data:`DEPTH_WEIGHTINGS` or a tuple of floats."""
+    if isinstance(depth_weights, str):
+        if depth_weights not in DEPTH_WEIGHTINGS:
+            raise ValueError(
+                f"depth_weights must be one of {DEPTH_WEIGHTINGS} or a list of floats, "
+                f"got {depth_weights!r}" + suggest(depth_weights, DEPTH_WEIGHTINGS)
+            )
+        return depth_weights
+    weights = tuple(float(w) for w in depth_weights)
+    if not weights or any(w < 0 for w in weights):
+        raise ValueError(
+            f"explicit depth_weights must be non-negative floats, got {depth_weights!r}"
+        )
+    return weights
+
+
+def _check_target_resize(target_resize: str) -> str:
+    if target_resize not in RESIZE_MODES:
+        raise ValueError(
+            f"target_resize must be one of {RESIZE_MODES}, got {target_resize!r}"
+            + suggest(target_resize, RESIZE_MODES)
+        )
+    return target_resize
+
+
 class ObjectiveSet:
     """Turns a network's named head logits into named loss rows.
 
@@ -139,58 +206,14 @@ class ObjectiveSet:
     ) -> None:
         self.modalities = check_modality_names(modalities)
         self._all_subsets = modality_subsets(self.modalities)
-        n_proper = len(self._all_subsets) - 1
-        if isinstance(subsets, str) and subsets.isdigit():
-            subsets = int(subsets)
-        if subsets is None or subsets in SUBSET_CHOICES:
-            pass
-        elif isinstance(subsets, int) and not isinstance(subsets, bool):
-            if not 1 <= subsets <= n_proper:
-                raise ValueError(
-                    f"subsets={subsets!r}: an int k must be between 1 and {n_proper} (the proper "
-                    f"non-empty subsets of {len(self.modalities)} modalities); use 'all' for all"
-                )
-        else:
-            raise ValueError(
-                f"subsets must be None, one of {SUBSET_CHOICES} or an int k, got {subsets!r}"
-                + suggest(str(subsets), SUBSET_CHOICES)
-            )
-        self.subsets = subsets
-        if subset_depths is not None:
-            depths = tuple(int(d) for d in subset_depths)
-            if not depths or any(d < 0 for d in depths) or len(set(depths)) != len(depths):
-                raise ValueError(
-                    f"subset_depths must list distinct depths >= 0, got {subset_depths!r}"
-                )
-            subset_depths = tuple(sorted(depths))
-        self.subset_depths = subset_depths
+        self.subsets = _check_subsets(subsets, self.modalities, len(self._all_subsets) - 1)
+        self.subset_depths = _check_subset_depths(subset_depths)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, true or false, got {fused!r}")
         self.fused = fused
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = int(seed)
-        self.draws = 0  # subset draws done so far (the checkpointable state)
-        if isinstance(depth_weights, str):
-            if depth_weights not in DEPTH_WEIGHTINGS:
-                raise ValueError(
-                    f"depth_weights must be one of {DEPTH_WEIGHTINGS} or a list of floats, "
-                    f"got {depth_weights!r}" + suggest(depth_weights, DEPTH_WEIGHTINGS)
-                )
-            self.depth_weights: str | tuple[float, ...] = depth_weights
-        else:
-            weights = tuple(float(w) for w in depth_weights)
-            if not weights or any(w < 0 for w in weights):
-                raise ValueError(
-                    f"explicit depth_weights must be non-negative floats, got {depth_weights!r}"
-                )
-            self.depth_weights = weights
-        if target_resize not in RESIZE_MODES:
-            raise ValueError(
-                f"target_resize must be one of {RESIZE_MODES}, got {target_resize!r}"
-                + suggest(target_resize, RESIZE_MODES)
-            )
-        self.target_resize = target_resize
+        self._draws = SubsetDraws(self._all_subsets, _check_seed(seed))
+        self.depth_weights = _check_depth_weights(depth_weights)
+        self.target_resize = _check_target_resize(target_resize)
         self.loss = RegionLoss(dice_weight=dice_weight, bce_weight=bce_weight)
 
     def __repr__(self) -> str:
@@ -222,26 +245,31 @@ class ObjectiveSet:
 
         Draw n uses a generator seeded from ``(seed, n)`` only, so every rank (same seed, same
         number of calls) draws the same subsets, and restoring :meth:`state_dict` (the count)
-        continues the sequence exactly.
+        continues the sequence exactly (see :class:`SubsetDraws`).
         """
-        k = int(self.subsets)  # type: ignore[arg-type]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
-        self.draws += 1
-        proper = self._all_subsets[:-1]
-        picked = sorted(torch.randperm(len(proper), generator=gen)[:k].tolist())
-        return [proper[i] for i in picked] + [self._all_subsets[-1]]
+        return self._draws.draw(int(self.subsets))  # type: ignore[arg-type]
+
+    @property
+    def draws(self) -> int:
+        """Subset draws done so far (the checkpointable state)."""
+        return self._draws.count
+
+    @draws.setter
+    def draws(self, value: int) -> None:
+        self._draws.count = value
+
+    @property
+    def seed(self) -> int:
+        """Seed of the subset draws (fixed at construction)."""
+        return self._draws.seed
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: the number of subset draws done (plain ints)."""
-        return {"draws": int(self.draws), "seed": self.seed}
+        return self._draws.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (an empty dict resets the draws)."""
-        if state and int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(
-                f"objectives state was drawn with seed {state['seed']}, this set has {self.seed}"
-            )
-        self.draws = int(state.get("draws", 0)) if state else 0
+        self._draws.load_state_dict(state)
 
     # ------------------------------------------------------------------ weights and rows
     def depth_weight_values(self, depths: Sequence[int]) -> list[float]:
@@ -275,77 +303,13 @@ class ObjectiveSet:
             present: precomputed names (e.g. by the data loader); takes precedence.
         """
         if present is not None:
-            names = set(present)
-            unknown = names - set(self.modalities)
-            if unknown:
-                bad = sorted(unknown)[0]
-                raise ValueError(
-                    f"present lists unknown modality {bad!r}; valid: {self.modalities}"
-                    + suggest(bad, self.modalities)
-                )
-            return [m for m in self.modalities if m in names]
+            return _check_present(present, self.modalities)
         if available is None:
             return list(self.modalities)
-        self._check_available(available, None)
+        _check_available(available, None, self.modalities)
         # The one host-side read of the mask per step: decides which rows exist.
         flags = available.bool().any(dim=0).tolist()
         return [m for m, on in zip(self.modalities, flags) if on]
-
-    def _check_available(self, available: torch.Tensor, batch: int | None) -> None:
-        ok = available.dim() == 2 and available.shape[1] == len(self.modalities)
-        if batch is not None:
-            ok = ok and available.shape[0] == batch
-        if not ok:
-            raise ValueError(
-                f"available must be (B, {len(self.modalities)}) with columns {self.modalities}"
-                f"{'' if batch is None else f' and B = {batch}'}, got shape {tuple(available.shape)}"
-            )
-
-    def _split_outputs(
-        self, outputs: Mapping[str, torch.Tensor]
-    ) -> tuple[list[int], dict[int, list[str]]]:
-        """Fused depths (sorted) and, per depth, the modalities (in order) with a head there."""
-        depths: list[int] = []
-        mods: dict[int, set[str]] = {}
-        for name in outputs:
-            try:
-                parsed = parse_objective(name)
-            except ValueError as err:
-                raise ValueError(f"output {name!r}: {err}") from None
-            if parsed.kind == FUSED:
-                depths.append(parsed.depth)
-            elif parsed.kind == SUBSET and hasattr(outputs, "subset_logits"):
-                continue  # a feature-fusion network's subset heads decoded by an earlier call
-            elif parsed.kind == MODALITY:
-                m = parsed.modalities[0]
-                if m not in self.modalities:
-                    raise ValueError(
-                        f"output {name!r} names a modality outside {self.modalities}"
-                        + suggest(m, self.modalities)
-                    )
-                mods.setdefault(parsed.depth, set()).add(m)
-            else:
-                raise ValueError(
-                    f"output {name!r}: networks output 'fused.d<l>' and 'modality.<m>[.d<l>]' "
-                    "heads; subset rows are made by the objective set"
-                )
-        ordered = {d: [m for m in self.modalities if m in mods[d]] for d in sorted(mods)}
-        return sorted(depths), ordered
-
-    def _check_target(
-        self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor
-    ) -> torch.Tensor:
-        if target.dim() != 5:
-            raise ValueError(
-                f"target must be (B, C, H, W, D) region masks, got shape {tuple(target.shape)}"
-            )
-        for name, logits in outputs.items():
-            if logits.dim() != 5 or logits.shape[:2] != target.shape[:2]:
-                raise ValueError(
-                    f"head {name!r} has shape {tuple(logits.shape)}; expected (B, C) = "
-                    f"{tuple(target.shape[:2])} as in the target {tuple(target.shape)}"
-                )
-        return target.float()
 
     def _rows(
         self,
@@ -360,13 +324,13 @@ class ObjectiveSet:
     ) -> list[tuple[str, torch.Tensor]]:
         if not outputs:
             raise ValueError("outputs is empty: expected named heads such as 'fused.d0'")
-        target = self._check_target(outputs, target)
-        depths, mod_depths = self._split_outputs(outputs)
+        target = _check_target(outputs, target)
+        depths, mod_depths = _split_outputs(outputs, self.modalities)
         if fused_depths is not None:
             depths = [d for d in depths if d in fused_depths]
             mod_depths = {d: v for d, v in mod_depths.items() if d in fused_depths}
         if available is not None:
-            self._check_available(available, target.shape[0])
+            _check_available(available, target.shape[0], self.modalities)
         present_mods: set[str] = set(self.modalities)
         if mod_depths:  # no modality heads (early fusion): no need to read the mask at all
             present_mods = set(self.present_modalities(available, present))
@@ -374,17 +338,7 @@ class ObjectiveSet:
         subsets: list[tuple[str, ...]] = []
         sub_depths: list[int] = []
         if use_subsets and self.subsets is not None:
-            complete = [d for d, v in mod_depths.items() if len(v) == len(self.modalities)]
-            if self.subset_depths is None:
-                sub_depths = complete
-            else:
-                missing = [d for d in self.subset_depths if d not in complete]
-                if missing:
-                    raise ValueError(
-                        f"subset_depths asks for depth {missing[0]} but the outputs have no "
-                        f"'modality.<m>' head of every modality there (depths with all: {complete})"
-                    )
-                sub_depths = list(self.subset_depths)
+            sub_depths = _subset_row_depths(mod_depths, self.modalities, self.subset_depths)
             if sub_depths:
                 subsets = [s for s in self.subset_choice(draw) if present_mods.intersection(s)]
         if self.fused is False:
@@ -392,32 +346,13 @@ class ObjectiveSet:
         elif self.fused is None and use_subsets and self.subsets is not None:
             depths = [d for d in depths if d not in sub_depths]
 
-        resized: dict[tuple[int, ...], torch.Tensor] = {}  # one resize per distinct head size
-
-        def per_sample(logits: torch.Tensor) -> torch.Tensor:
-            size = tuple(logits.shape[2:])
-            if size not in resized:
-                resized[size] = resize_target(target, size, self.target_resize)
-            return self.loss(logits, resized[size])
-
-        def masked_mean(loss: torch.Tensor, col: torch.Tensor | None) -> torch.Tensor:
-            if col is None:
-                return loss.mean()
-            # Masked mean over the samples in ``col``: torch.where (not a product) so a
-            # non-finite loss of an excluded sample cannot leak in; clamp avoids 0/0.
-            total = torch.where(col, loss, torch.zeros_like(loss)).sum()
-            return total / col.sum().clamp(min=1).to(loss.dtype)
-
-        def column(m: str, device: torch.device) -> torch.Tensor | None:
-            if available is None:
-                return None
-            return available[:, self.modalities.index(m)].to(device=device, dtype=torch.bool)
-
+        per_sample = _per_sample_loss(self.loss, target, self.target_resize)
+        column = partial(_column, available, self.modalities)
         rows: list[tuple[str, torch.Tensor]] = []
         weights = self.depth_weight_values(depths) if weighted else [1.0] * len(depths)
         for d, w in zip(depths, weights):
             row = per_sample(outputs[format_objective(FUSED, (), d)]).mean()
-            rows.append((f"{FUSED}.d{d}", row * w if w != 1.0 else row))
+            rows.append((f"{FUSED}.d{d}", _weighted(row, w)))
         if subsets:
             rows += self._subset_rows(outputs, subsets, sub_depths, per_sample, column, weighted)
             return rows
@@ -429,8 +364,7 @@ class ObjectiveSet:
                     continue
                 name = format_objective(MODALITY, (m,), d)
                 loss = per_sample(outputs[name])
-                row = masked_mean(loss, column(m, loss.device))
-                rows.append((name, row * w if w != 1.0 else row))
+                rows.append((name, _weighted(_masked_mean(loss, column(m, loss.device)), w)))
         return rows
 
     def _subset_rows(
@@ -438,8 +372,8 @@ class ObjectiveSet:
         outputs: Mapping[str, torch.Tensor],
         subsets: list[tuple[str, ...]],
         depths: Sequence[int],
-        per_sample: Any,
-        column: Any,
+        per_sample: Callable[[torch.Tensor], torch.Tensor],
+        column: Callable[[str, torch.device], torch.Tensor | None],
         weighted: bool,
     ) -> list[tuple[str, torch.Tensor]]:
         """Rows ``subset.<S>[.d<l>]``: the loss of the prediction fused from S (module docstring)."""
@@ -448,17 +382,11 @@ class ObjectiveSet:
         for d, w in zip(depths, weights):
             z = outputs[format_objective(MODALITY, (self.modalities[0],), d)]
             cols = {m: column(m, z.device) for m in self.modalities}
-            fuse = _decoded_subsets if hasattr(outputs, "subset_logits") else _refused_subsets
-            for subset, (fused, count) in fuse(outputs, subsets, d, cols).items():
-                if count is None:
-                    row = per_sample(fused).mean()
-                else:
-                    loss = per_sample(fused)
-                    seen = count > 0  # samples where at least one modality of S is available
-                    total = torch.where(seen, loss, torch.zeros_like(loss)).sum()
-                    row = total / seen.sum().clamp(min=1).to(loss.dtype)
+            for subset, (fused, count) in fused_subsets(outputs, subsets, d, cols).items():
+                # samples where at least one modality of S is available (all without a mask)
+                row = _masked_mean(per_sample(fused), None if count is None else count > 0)
                 name = format_objective(SUBSET, subset, d, self.modalities)
-                rows.append((name, row * w if w != 1.0 else row))
+                rows.append((name, _weighted(row, w)))
         return rows
 
     # ------------------------------------------------------------------ public API
@@ -531,77 +459,133 @@ class ObjectiveSet:
         return {(FUSED if n.startswith(FUSED) else n.split(".", 1)[1]): r for n, r in rows}
 
 
-SubsetLogits = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None]]
-"""Per subset: its fused logits and the per-sample count of its available modalities (None:
-every modality available in every sample)."""
-
-
-def _subset_counts(
-    subsets: Sequence[tuple[str, ...]], cols: Mapping[str, torch.Tensor | None], dtype: torch.dtype
-) -> dict[tuple[str, ...], torch.Tensor | None]:
-    """Per subset, ``sum_{m in S} a_m`` per sample (None without a mask); prefixes shared."""
-    counts: dict[tuple[str, ...], torch.Tensor | None] = {}
-    for subset in subsets:
-        for end in range(1, len(subset) + 1):
-            key = subset[:end]
-            if key not in counts:
-                col = cols[key[-1]]
-                prev = counts[key[:-1]] if end > 1 else None
-                if col is None:
-                    counts[key] = None
-                else:
-                    counts[key] = col.to(dtype) if prev is None else prev + col.to(dtype)
-    return {s: counts[s] for s in subsets}
-
-
-def _refused_subsets(
-    outputs: Mapping[str, torch.Tensor],
-    subsets: Sequence[tuple[str, ...]],
-    depth: int,
-    cols: Mapping[str, torch.Tensor | None],
-) -> SubsetLogits:
-    """Logit fusion: ``z_S = sum_{m in S} a_m z_m / max(1, sum_{m in S} a_m)`` from the
-    ``modality.<m>`` heads; masked logits once per modality, partial sums shared along each
-    subset's prefix (flair+t1 reuses flair's), so the 15 subsets cost 15 additions in all."""
-    masked: dict[str, torch.Tensor] = {}
-    for m, col in cols.items():
-        z = outputs[format_objective(MODALITY, (m,), depth)]
-        masked[m] = (
-            z
-            if col is None
-            else torch.where(col.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros_like(z))
+def _check_present(present: Iterable[str], modalities: Sequence[str]) -> list[str]:
+    """``present=`` checked against ``modalities``, returned in their order."""
+    names = set(present)
+    unknown = names - set(modalities)
+    if unknown:
+        bad = sorted(unknown)[0]
+        raise ValueError(
+            f"present lists unknown modality {bad!r}; valid: {modalities}"
+            + suggest(bad, modalities)
         )
-    sums: dict[tuple[str, ...], torch.Tensor] = {}
-    for subset in subsets:
-        for end in range(1, len(subset) + 1):
-            key = subset[:end]
-            if key not in sums:
-                sums[key] = masked[key[-1]] if end == 1 else sums[key[:-1]] + masked[key[-1]]
-    counts = _subset_counts(subsets, cols, next(iter(masked.values())).dtype)
-    out: SubsetLogits = {}
-    for subset in subsets:
-        count = counts[subset]
-        if count is None:
-            fused = sums[subset] / len(subset) if len(subset) > 1 else sums[subset]
+    return [m for m in modalities if m in names]
+
+
+def _check_available(available: torch.Tensor, batch: int | None, modalities: Sequence[str]) -> None:
+    ok = available.dim() == 2 and available.shape[1] == len(modalities)
+    if batch is not None:
+        ok = ok and available.shape[0] == batch
+    if not ok:
+        raise ValueError(
+            f"available must be (B, {len(modalities)}) with columns {modalities}"
+            f"{'' if batch is None else f' and B = {batch}'}, got shape {tuple(available.shape)}"
+        )
+
+
+def _split_outputs(
+    outputs: Mapping[str, torch.Tensor], modalities: Sequence[str]
+) -> tuple[list[int], dict[int, list[str]]]:
+    """Fused depths (sorted) and, per depth, the modalities (in order) with a head there."""
+    depths: list[int] = []
+    mods: dict[int, set[str]] = {}
+    for name in outputs:
+        try:
+            parsed = parse_objective(name)
+        except ValueError as err:
+            raise ValueError(f"output {name!r}: {err}") from None
+        if parsed.kind == FUSED:
+            depths.append(parsed.depth)
+        elif parsed.kind == SUBSET and hasattr(outputs, "subset_logits"):
+            continue  # a feature-fusion network's subset heads decoded by an earlier call
+        elif parsed.kind == MODALITY:
+            m = parsed.modalities[0]
+            if m not in modalities:
+                raise ValueError(
+                    f"output {name!r} names a modality outside {modalities}"
+                    + suggest(m, modalities)
+                )
+            mods.setdefault(parsed.depth, set()).add(m)
         else:
-            shape = (-1, *([1] * (sums[subset].dim() - 1)))
-            fused = sums[subset] / count.clamp(min=1).view(shape)
-        out[subset] = (fused, count)
-    return out
+            raise ValueError(
+                f"output {name!r}: networks output 'fused.d<l>' and 'modality.<m>[.d<l>]' "
+                "heads; subset rows are made by the objective set"
+            )
+    ordered = {d: [m for m in modalities if m in mods[d]] for d in sorted(mods)}
+    return sorted(depths), ordered
 
 
-def _decoded_subsets(
-    outputs: Mapping[str, torch.Tensor],
-    subsets: Sequence[tuple[str, ...]],
-    depth: int,
-    cols: Mapping[str, torch.Tensor | None],
-) -> SubsetLogits:
-    """Feature fusion (``SharedModalityUNet(fusion="features")``'s ``SubsetHeads``): the
-    network's decoder on the masked mean of S's encoder features, one decoder pass per subset
-    (the full set and singletons are heads already), the encoders not rerun."""
-    dtype = outputs[format_objective(FUSED, (), depth)].dtype
-    counts = _subset_counts(subsets, cols, dtype)
-    return {s: (outputs.subset_logits(s)[depth], counts[s]) for s in subsets}  # type: ignore[attr-defined]
+def _check_target(outputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    if target.dim() != 5:
+        raise ValueError(
+            f"target must be (B, C, H, W, D) region masks, got shape {tuple(target.shape)}"
+        )
+    for name, logits in outputs.items():
+        if logits.dim() != 5 or logits.shape[:2] != target.shape[:2]:
+            raise ValueError(
+                f"head {name!r} has shape {tuple(logits.shape)}; expected (B, C) = "
+                f"{tuple(target.shape[:2])} as in the target {tuple(target.shape)}"
+            )
+    return target.float()
+
+
+# ---------------------------------------------------------------------- row building
+def _subset_row_depths(
+    mod_depths: Mapping[int, Sequence[str]],
+    modalities: Sequence[str],
+    subset_depths: Sequence[int] | None,
+) -> list[int]:
+    """Depths that get subset rows: ``subset_depths``, or every depth with a head of every
+    modality; an asked depth without all heads is an error."""
+    complete = [d for d, v in mod_depths.items() if len(v) == len(modalities)]
+    if subset_depths is None:
+        return complete
+    missing = [d for d in subset_depths if d not in complete]
+    if missing:
+        raise ValueError(
+            f"subset_depths asks for depth {missing[0]} but the outputs have no "
+            f"'modality.<m>' head of every modality there (depths with all: {complete})"
+        )
+    return list(subset_depths)
+
+
+def _per_sample_loss(
+    loss: RegionLoss, target: torch.Tensor, mode: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-sample ``loss`` of logits against ``target`` resized to their size (``mode``), one
+    resize per distinct head size."""
+    resized: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def per_sample(logits: torch.Tensor) -> torch.Tensor:
+        size = tuple(logits.shape[2:])
+        if size not in resized:
+            resized[size] = resize_target(target, size, mode)
+        return loss(logits, resized[size])
+
+    return per_sample
+
+
+def _masked_mean(loss: torch.Tensor, col: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-sample ``loss`` over the samples in bool ``col`` (all samples for None)."""
+    if col is None:
+        return loss.mean()
+    # Masked mean over the samples in ``col``: torch.where (not a product) so a
+    # non-finite loss of an excluded sample cannot leak in; clamp avoids 0/0.
+    total = torch.where(col, loss, torch.zeros_like(loss)).sum()
+    return total / col.sum().clamp(min=1).to(loss.dtype)
+
+
+def _column(
+    available: torch.Tensor | None, modalities: Sequence[str], m: str, device: torch.device
+) -> torch.Tensor | None:
+    """Modality ``m``'s bool availability column on ``device`` (None without a mask)."""
+    if available is None:
+        return None
+    return available[:, modalities.index(m)].to(device=device, dtype=torch.bool)
+
+
+def _weighted(row: torch.Tensor, w: float) -> torch.Tensor:
+    return row * w if w != 1.0 else row
 
 
 def head_losses(
