@@ -38,6 +38,7 @@ from segmerge.study.cli import main, parse_args, parse_int_list
 from segmerge.study.evaluation import write_validation_datalist
 from segmerge.study.report import PLOT_FILES
 from segmerge.study.runner import StudyError, cpu_cores
+from segmerge.study.scoring import trained_config
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -478,7 +479,6 @@ def test_trained_config_is_read_as_data(tmp_path):
     import json
 
     from segmerge.engine import atomic_torch_save
-    from segmerge.study.runner import Study
 
     marker = tmp_path / "pwned"
     good = {
@@ -492,18 +492,18 @@ def test_trained_config_is_read_as_data(tmp_path):
     atomic_torch_save(
         {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(good)}, ckdir / "last.pt"
     )
-    net, patch, et, device = Study._trained_config(None, tmp_path / "run", "r1")
+    net, patch, et, device = trained_config(tmp_path / "run", "r1")
     assert (net["_target_"], patch, et, device) == ("segmerge.nets.MultiModalDSNet", 32, 3, "cpu")
     evil = dict(good, patch_size=f"$open({str(marker)!r}, 'w').write('x') or 32")
     atomic_torch_save(
         {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(evil)}, ckdir / "last.pt"
     )
     with pytest.raises(ValueError, match="patch_size.*expression"):
-        Study._trained_config(None, tmp_path / "run", "r1")
+        trained_config(tmp_path / "run", "r1")
     foreign = dict(good, network_def={"_target_": "os.system", "command": "true"})
     atomic_torch_save(
         {"format": 2, "model": {}, "iteration": 1, "config": json.dumps(foreign)}, ckdir / "last.pt"
     )
     with pytest.raises(ValueError, match="segmerge.nets"):
-        Study._trained_config(None, tmp_path / "run", "r1")
+        trained_config(tmp_path / "run", "r1")
     assert not marker.exists()

@@ -130,20 +130,20 @@ def test_result_file_round_trip_and_lookup(tmp_path):
 def test_the_study_reads_the_trained_network_from_the_result_as_data(tmp_path):
     """As for checkpoints (test_study): a result holding an expression, or a network outside
     segmerge.nets, is refused before anything could evaluate it."""
-    from segmerge.study.runner import Study
+    from segmerge.study.scoring import trained_config
 
     marker = tmp_path / "pwned"
     good = _result(tmp_path)
     path = write_result(good)
-    net, patch, et, device = Study._trained_config(None, tmp_path, "r1", str(path))
+    net, patch, et, device = trained_config(tmp_path, "r1", str(path))
     assert (net, patch, et, device) == (good.network_def, 16, 3, "cpu")
     data = good.to_dict()
     data["patch_size"] = f"$open({str(marker)!r}, 'w').write('x') or 16"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="patch_size.*expression"):
-        Study._trained_config(None, tmp_path, "r1", str(path))
+        trained_config(tmp_path, "r1", str(path))
     data = dict(good.to_dict(), network_def={"_target_": "os.system", "command": "true"})
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="segmerge.nets"):
-        Study._trained_config(None, tmp_path, "r1", str(path))
+        trained_config(tmp_path, "r1", str(path))
     assert not marker.exists()

@@ -71,7 +71,7 @@ from segmerge.study.report import (
     study_statistics,
     write_plots,
 )
-from segmerge.study.scoring import Evaluator, trained_config, weights_sha256
+from segmerge.study.scoring import Evaluator, weights_sha256
 from segmerge.study.tracking import StudyTracking
 from segmerge.study.training import Trainer, method_train_command, run_dir
 
@@ -222,12 +222,6 @@ def _network_preset(settings: StudySettings) -> str | None:
     return None if preset is None else str(preset)
 
 
-def _trained_config(
-    _study: Any, folder: Path, run_id: str, result_path: str | None = None
-) -> tuple[dict[str, Any], int, int, str]:
-    return trained_config(folder, run_id, result_path)
-
-
 class Study:
     """One comparison study in one output folder (see the module docstring): the schedule of its
     runs; each run is trained by a :class:`~segmerge.study.training.Trainer`, scored by an
@@ -364,9 +358,6 @@ class Study:
         )
 
     # ================================================================= one run
-    # segmerge.study.scoring.trained_config, as the method it was (``self`` unused: may be None)
-    _trained_config = _trained_config
-
     def run_one(self, method: str, seed: int, device: str | None, label: str) -> MethodSummary:
         """Train (unless already trained), evaluate and record one (method, seed).
 
