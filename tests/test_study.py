@@ -267,6 +267,27 @@ def test_study_markdown_has_the_fields_table_intervals_and_verdicts():
     assert "**gmd** seed 1: boom" in text and T1CE_MISSING in text and ALL_SEQUENCES in text
 
 
+def test_study_markdown_reports_what_the_aggregators_saw():
+    stats = study_statistics(_runs(-0.05), ["sum", "gmd"], [0, 1, 2])
+    meta = {"study_id": "s1", "budget": "tiny", "seeds": [0, 1, 2], "reference": "sum"}
+    per_method = method_means(_runs(-0.05), ["sum", "gmd"])
+    per_method[1].histories = {
+        "cosine/mean": [(5, 0.2), (10, 0.4)],
+        "cosine/min": [(5, -0.5), (10, -0.1)],
+        "conflict/fraction": [(5, 0.25), (10, 0.75)],
+        "conflict/alpha/fused.d0__modality.t1": [(5, -0.4), (10, 0.0)],
+        "conflict/alpha/modality.t1__fused.d0": [(5, 0.2), (10, 0.2)],
+        # fused share per step: 3 / (3 + 1) = 0.75 at step 5, 1 / (1 + 3) = 0.25 at step 10
+        "weight/fused.d0": [(5, 3.0), (10, 1.0)],
+        "weight/modality.t1": [(5, 1.0), (10, 3.0)],
+    }
+    rows = _table_rows(
+        study_markdown(stats, meta, per_method=per_method), "## What the aggregators saw"
+    )
+    assert rows["gmd"] == ["0.300", "-0.300", "0.500", "0.200", "0.500", "0.500"]
+    assert rows["sum"] == ["–"] * 6  # no histories read: nothing invented
+
+
 def test_validation_datalist_needs_labels(tmp_path):
     with pytest.raises(ValueError, match="at least one validation case"):
         write_validation_datalist([], tmp_path / "v.json")

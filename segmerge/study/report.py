@@ -453,6 +453,17 @@ def study_markdown(
                 ]
             )
         lines += md_table(header, rows)
+        lines += ["", "## What the aggregators saw over training (first seed)", ""]
+        lines += [
+            "Means over the logged steps. cos: cosine between objective gradients (mean and "
+            "minimum over the pairs); conflicting: fraction of pairs with a negative cosine; "
+            "|α|: mean magnitude of the method's conflict coefficients (GMD / PCGrad "
+            "projections, GradCraft's weights of the conflicting pairs; 0 where it has none); "
+            "fused share: the fused heads' part of the update weights (sum of their weights "
+            "over the sum of all), beside its value under equal weights.",
+            "",
+        ]
+        lines += md_table(DIAGNOSTICS_HEADER, [diagnostics_row(s) for s in per_method])
     failed = [
         (m, s, v["error"]) for m, e in methods.items() for s, v in e["seeds"].items()
         if v.get("error")
@@ -471,6 +482,49 @@ def study_markdown(
         for kind, rel in plots.items():
             lines += [f"![{titles.get(kind, kind)}]({rel})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+DIAGNOSTICS_HEADER = [
+    "method",
+    "cos (mean)",
+    "cos (min)",
+    "conflicting",
+    "|α|",
+    "fused share",
+    "equal-weight share",
+]
+
+
+def _history_mean(histories: Mapping[str, History], keys: Sequence[str], magnitude=False) -> str:
+    vals = [abs(v) if magnitude else v for k in keys for _, v in histories.get(k, [])]
+    return fmt(float(np.mean(vals))) if vals else "–"
+
+
+def diagnostics_row(summary: MethodSummary) -> list[str]:
+    """One row of the "what the aggregators saw" table from a run's histories."""
+    h = summary.histories
+    alpha = [k for k in h if k.startswith("conflict/alpha/")]
+    weights = {k[len("weight/") :]: dict(v) for k, v in h.items() if k.startswith("weight/")}
+    share, equal = "–", "–"
+    fused = [n for n in weights if n.startswith("fused")]
+    if weights and fused:
+        steps = sorted(set.intersection(*(set(w) for w in weights.values())))
+        per_step = [
+            sum(weights[n][t] for n in fused) / total
+            for t in steps
+            if (total := sum(w[t] for w in weights.values())) > 0
+        ]
+        share = fmt(float(np.mean(per_step))) if per_step else "–"
+        equal = fmt(len(fused) / len(weights))
+    return [
+        summary.method,
+        _history_mean(h, ["cosine/mean"]),
+        _history_mean(h, ["cosine/min"]),
+        _history_mean(h, ["conflict/fraction"]),
+        _history_mean(h, alpha, magnitude=True),
+        share,
+        equal,
+    ]
 
 
 # ---------------------------------------------------------------------------------- plots

@@ -20,8 +20,9 @@ from segmerge.study.report import MethodSummary
 __all__ = ["HISTORY_KEYS", "HISTORY_PREFIXES", "STUDY_TAG", "StudyTracking"]
 
 STUDY_TAG = "segmerge.study"
-HISTORY_KEYS = ("conflict/n_pairs",)
-HISTORY_PREFIXES = ("ogr/",)
+# What the report's tables read back from each run (see segmerge.study.report.diagnostics_rows).
+HISTORY_KEYS = ("conflict/n_pairs", "conflict/fraction", "cosine/mean", "cosine/min")
+HISTORY_PREFIXES = ("ogr/", "weight/", "conflict/alpha/")
 
 
 class StudyTracking:
@@ -166,7 +167,7 @@ class StudyTracking:
             pass
 
     def read_histories(self, summary: MethodSummary) -> None:
-        """Read the conflict / OGR / speed histories of the run back from MLflow."""
+        """Read the conflict, cosine, weight, OGR and speed histories of the run from MLflow."""
         if summary.run_id is None:
             return
         client = self.client()
