@@ -648,7 +648,10 @@ def plot_ogr(summaries: Sequence[MethodSummary], path: str | Path) -> Path:
             )
         ax.set_title(s.method)
         ax.set_xlabel("training step")
-        ax.set_ylabel("OGR")
+        ax.set_ylabel("OGR (symlog)")
+        # OGR is a ratio of loss changes: it spikes by orders of magnitude when a head's
+        # generalisation change is near zero, which flattens every other curve on a linear axis.
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
     fig.suptitle("overfitting-to-generalisation ratio per head")
     fig.tight_layout()
