@@ -10,10 +10,9 @@ noise (its registration must be reported as diverged while the others are writte
 Thresholds: TRE below 1 mm (mean over brain points; the issue's number, which at these voxel
 sizes is 0.4 of the reference voxel and 0.13 of a FLAIR/T1/T2 slice) and below 2 mm at worst;
 brain-mask Dice >= 0.9 against the phantom's brain. The segmentation check (a model trained on
-clean phantoms, WT Dice on the prepared case within 0.05 of the clean case) is too expensive for
-the suite (its model needs 140-190 s of training): it is measured by
-``scripts/bench_prepare.py --model-check`` (:mod:`segmerge.prepare.modelcheck`) and recorded in
-docs/benchmarks.md (an augmented 1200-step model: -0.018 WT Dice on the mean of four cases).
+clean phantoms, WT Dice on the prepared cases within 0.05 of the clean ones) is the slow-marked
+last test, the same check as ``scripts/bench_prepare.py --model-check``
+(:mod:`segmerge.prepare.modelcheck`; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -405,3 +404,31 @@ def test_deformable_refinement_keeps_or_improves_the_brain_mask(prepared, tmp_pa
     assert len(info["mesh"]) == 3
     tfm = sitk.ReadTransform(str(out / "nifti_case" / qc["transforms"]["mni152"]))
     assert tfm.GetName() == "CompositeTransform"
+
+
+
+@pytest.mark.slow
+def test_clean_trained_model_segments_prepared_cases_like_clean_ones(tmp_path):
+    """The issue's segmentation check, as `scripts/bench_prepare.py --model-check` runs it
+    (docs/benchmarks.md): a MONAI UNet trained for 1200 steps on 12 clean (BraTS-ready) phantoms
+    predicts 4 held-out phantoms, clean and as raw scans after `prepare`; the mean WT Dice of the
+    prepared cases is within 0.05 of the clean ones (measured -0.018; per case -0.073 to +0.038).
+    The model must first segment the clean cases (mean WT Dice >= 0.75, measured 0.83): a model
+    that finds nothing would pass the gap trivially. One torch thread: the figures are those of
+    the bench command, whatever the machine's core count (about 85 s here)."""
+    import torch
+
+    from segmerge.prepare import modelcheck as mc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train = [mc.clean_case(64, 1000 + i, 2.0) for i in range(12)]
+        net = mc.train_model(train, 1200, patch=32, channels=(16, 32, 64, 128), seed=0)
+        rows = mc.run_check(net, tmp_path, [2000 + i for i in range(4)], size=64, spacing=2.0)
+    finally:
+        torch.set_num_threads(threads)
+    clean = float(np.mean([r.clean for r in rows]))
+    gap = float(np.mean([r.gap for r in rows]))
+    assert clean >= 0.75, rows
+    assert abs(gap) <= 0.05, rows

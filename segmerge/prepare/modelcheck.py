@@ -238,17 +238,30 @@ def run_check(
 
     work = Path(work)
     raw, out = work / "raw", work / "out"
-    clean = {}
     for i, seed in enumerate(seeds):
-        cx, cy = clean_case(size, seed, spacing)
-        clean[f"m{i}"] = dice(predict_wt(net, cx, patch), regions(cy)[0] > 0)
         make_raw_case(raw / f"m{i}", size=size, seed=seed, scale=scale)
     opts = options or PrepareOptions(spacing=spacing)
     report = prepare_dataset(raw, out, opts, workers=workers)
     if report.failures:
         raise RuntimeError(f"prepare failed on the model-check cases:\n{report.summary()}")
-    rows = []
-    for cid, c in clean.items():
-        x, y = read_prepared(out / cid)
-        rows.append(CheckRow(cid, c, dice(predict_wt(net, x, patch), regions(y)[0] > 0)))
-    return rows
+    return [
+        score_case(net, out / f"m{i}", seed, size, spacing, patch) for i, seed in enumerate(seeds)
+    ]
+
+
+def score_case(
+    net, case_dir: str | Path, seed: int, size: int, spacing: float, patch: int = 32
+) -> CheckRow:
+    """WT Dice of ``net`` on phantom ``seed``: clean (resampled to ``spacing``) and prepared.
+
+    ``case_dir`` is the prepared output of the raw version of the same phantom
+    (:func:`segmerge.prepare.synthetic.make_raw_case` with this ``size`` and ``seed``); each
+    version is scored against its own ground truth (the carried ``seg`` for the prepared one).
+    """
+    cx, cy = clean_case(size, seed, spacing)
+    x, y = read_prepared(case_dir)
+    return CheckRow(
+        Path(case_dir).name,
+        dice(predict_wt(net, cx, patch), regions(cy)[0] > 0),
+        dice(predict_wt(net, x, patch), regions(y)[0] > 0),
+    )
