@@ -528,3 +528,21 @@ def test_trained_config_is_read_as_data(tmp_path):
     with pytest.raises(ValueError, match="segmerge.nets"):
         trained_config(tmp_path / "run", "r1")
     assert not marker.exists()
+
+
+def test_describe_setup_names_what_tells_two_studies_apart():
+    from monai.bundle import ConfigParser
+
+    from segmerge.study.runner import describe_setup
+
+    net = {"_target_": "segmerge.nets.MultiModalDSNet", "fusion": "mean", "features": [8, 16]}
+    objectives = {"_target_": "segmerge.objectives.ObjectiveSet", "subsets": "all"}
+    plain = describe_setup(ConfigParser({"network_def": net, "objectives": objectives}), "late")
+    shared = describe_setup(
+        ConfigParser({"network_def": {**net, "aux_decoder": "shared"}, "objectives": objectives})
+    )
+    assert plain == {
+        "network": "late: MultiModalDSNet(fusion=mean)",
+        "objectives": "ObjectiveSet(subsets=all)",
+    }
+    assert shared["network"] == "MultiModalDSNet(aux_decoder=shared, fusion=mean)"

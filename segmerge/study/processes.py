@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import threading
@@ -78,7 +79,7 @@ class Processes:
         """
         pid_file = log_path.parent / ".train.pid"
         with open(log_path, "a") as log_file:
-            log_file.write(f"$ {' '.join(cmd)}\n")
+            log_file.write(f"$ {shlex.join(cmd)}\n")  # copy-pastable into a shell
             log_file.flush()
             with self.lock:
                 if self._stop.is_set():

@@ -193,7 +193,7 @@ def _machine() -> str:
 
 def describe_setup(parser: Any, preset: str | None = None) -> dict[str, str]:
     """``network`` and ``objectives`` of a resolved training configuration, as short text for
-    the MLflow tags and the report (``late: MultiModalDSNet(fusion=mean)``,
+    the MLflow tags and the report (``late: MultiModalDSNet(aux_decoder=shared, fusion=mean)``,
     ``ObjectiveSet(subsets=all, ...)``); ``preset`` is the ``--network`` preset name, if any."""
 
     def short(section: str) -> str:
@@ -204,7 +204,11 @@ def describe_setup(parser: Any, preset: str | None = None) -> dict[str, str]:
         if not isinstance(part, dict):
             return str(part)
         target = str(part.get("_target_", "?")).rsplit(".", 1)[-1]
-        details = [f"{k}={part[k]}" for k in sorted(part) if "subset" in k or k == "fusion"]
+        details = [
+            f"{k}={part[k]}"
+            for k in sorted(part)
+            if "subset" in k or k in ("fusion", "aux_decoder")  # what tells two studies apart
+        ]
         return f"{target}({', '.join(details)})" if details else target
 
     network, objectives = short("network_def"), short("objectives")
