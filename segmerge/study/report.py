@@ -457,7 +457,7 @@ def study_markdown(
         lines += [
             "Means over the logged steps. cos: cosine between objective gradients (mean and "
             "minimum over the pairs); conflicting: fraction of pairs with a negative cosine; "
-            "|α|: mean magnitude of the method's conflict coefficients (GMD / PCGrad "
+            "mean abs α: mean magnitude of the method's conflict coefficients (GMD / PCGrad "
             "projections, GradCraft's weights of the conflicting pairs; 0 where it has none); "
             "fused share: the fused heads' part of the update weights (sum of their weights "
             "over the sum of all), beside its value under equal weights.",
@@ -489,7 +489,7 @@ DIAGNOSTICS_HEADER = [
     "cos (mean)",
     "cos (min)",
     "conflicting",
-    "|α|",
+    "mean abs α",
     "fused share",
     "equal-weight share",
 ]
