@@ -281,11 +281,29 @@ def test_study_markdown_reports_what_the_aggregators_saw():
         "weight/fused.d0": [(5, 3.0), (10, 1.0)],
         "weight/modality.t1": [(5, 1.0), (10, 3.0)],
     }
+    per_method[1].seed_histories = [per_method[1].histories]
     rows = _table_rows(
         study_markdown(stats, meta, per_method=per_method), "## What the aggregators saw"
     )
     assert rows["gmd"] == ["0.300", "-0.300", "0.500", "0.200", "0.500", "0.500"]
     assert rows["sum"] == ["–"] * 6  # no histories read: nothing invented
+    # with several seeds: the mean over seeds of each run's mean (a seed without a key is left out)
+    first = per_method[1].histories
+    per_method[1].seed_histories = [first, {"cosine/mean": [(5, 0.9)], "weight/fused.d0": []}]
+    rows = _table_rows(
+        study_markdown(stats, meta, per_method=per_method), "## What the aggregators saw"
+    )
+    assert rows["gmd"] == ["0.600", "-0.300", "0.500", "0.200", "0.500", "0.500"]
+
+
+def test_method_means_keeps_every_seeds_histories():
+    runs = _runs(-0.05)
+    for i, r in enumerate(runs):
+        r.histories = {"cosine/mean": [(1, float(i))]}
+    gmd = method_means(runs, ["sum", "gmd"])[1]
+    mine = [r for r in runs if r.method == "gmd" and r.evaluation is not None]
+    assert gmd.seed_histories == [r.histories for r in mine] and len(mine) == 3
+    assert gmd.histories == mine[0].histories  # the plots keep the first seed
 
 
 def test_validation_datalist_needs_labels(tmp_path):

@@ -95,6 +95,7 @@ class MethodSummary:
         error: what went wrong (failed methods).
         histories: metric key -> history (``conflict/n_pairs``, ``ogr/<head>``).
         weights_sha256: digest of the trained weights (equal runs give equal digests).
+        seed_histories: in a :func:`method_means` summary, the histories of every finished seed.
     """
 
     method: str
@@ -108,6 +109,7 @@ class MethodSummary:
     error: str | None = None
     histories: dict[str, History] = field(default_factory=dict)
     weights_sha256: str | None = None
+    seed_histories: list[dict[str, History]] = field(default_factory=list)
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -156,7 +158,8 @@ def seed_scores(evaluation: EvaluationResult) -> dict[str, float]:
 
 def method_means(runs: Sequence[MethodSummary], methods: Sequence[str]) -> list[MethodSummary]:
     """One summary per method for the plots: subset scores averaged over its finished seeds,
-    the histories of its first finished seed, mean train time and speed."""
+    the histories of its first finished seed (and of all, ``seed_histories``), mean train time
+    and speed."""
     out = []
     for m in methods:
         mine = [r for r in runs if r.method == m]
@@ -177,6 +180,7 @@ def method_means(runs: Sequence[MethodSummary], methods: Sequence[str]) -> list[
                 eval_seconds=float(np.mean([r.eval_seconds for r in ok])),
                 steps_per_second=float(np.mean(finite)) if finite else float("nan"),
                 histories=first.histories,
+                seed_histories=[r.histories for r in ok],
             )
         )
     return out
@@ -453,10 +457,10 @@ def study_markdown(
                 ]
             )
         lines += md_table(header, rows)
-        lines += ["", "## What the aggregators saw over training (first seed)", ""]
+        lines += ["", "## What the aggregators saw over training (mean over seeds)", ""]
         lines += [
-            "Means over the logged steps. cos: cosine between objective gradients (mean and "
-            "minimum over the pairs); conflicting: fraction of pairs with a negative cosine; "
+            "Means over the logged steps of each run, then over the seeds. cos: cosine between "
+            "objective gradients (mean and minimum over the pairs); conflicting: fraction of pairs with a negative cosine; "
             "mean abs α: mean magnitude of the method's conflict coefficients (GMD / PCGrad "
             "projections, GradCraft's weights of the conflicting pairs; 0 where it has none); "
             "fused share: the fused heads' part of the update weights (sum of their weights "
@@ -495,36 +499,49 @@ DIAGNOSTICS_HEADER = [
 ]
 
 
-def _history_mean(histories: Mapping[str, History], keys: Sequence[str], magnitude=False) -> str:
-    vals = [abs(v) if magnitude else v for k in keys for _, v in histories.get(k, [])]
-    return fmt(float(np.mean(vals))) if vals else "–"
+def _history_mean(h: Mapping[str, History], keys: Sequence[str], magnitude=False) -> float | None:
+    vals = [abs(v) if magnitude else v for k in keys for _, v in h.get(k, [])]
+    return float(np.mean(vals)) if vals else None
 
 
-def diagnostics_row(summary: MethodSummary) -> list[str]:
-    """One row of the "what the aggregators saw" table from a run's histories."""
-    h = summary.histories
-    alpha = [k for k in h if k.startswith("conflict/alpha/")]
+def _fused_share(h: Mapping[str, History]) -> tuple[float | None, float | None]:
+    """Mean over steps of the fused heads' part of the weights, and its equal-weight value."""
     weights = {k[len("weight/") :]: dict(v) for k, v in h.items() if k.startswith("weight/")}
-    share, equal = "–", "–"
     fused = [n for n in weights if n.startswith("fused")]
-    if weights and fused:
-        steps = sorted(set.intersection(*(set(w) for w in weights.values())))
-        per_step = [
-            sum(weights[n][t] for n in fused) / total
-            for t in steps
-            if (total := sum(w[t] for w in weights.values())) > 0
-        ]
-        share = fmt(float(np.mean(per_step))) if per_step else "–"
-        equal = fmt(len(fused) / len(weights))
+    if not (weights and fused):
+        return None, None
+    steps = sorted(set.intersection(*(set(w) for w in weights.values())))
+    per_step = [
+        sum(weights[n][t] for n in fused) / total
+        for t in steps
+        if (total := sum(w[t] for w in weights.values())) > 0
+    ]
+    if not per_step:
+        return None, None
+    return float(np.mean(per_step)), len(fused) / len(weights)
+
+
+def _diagnostics(h: Mapping[str, History]) -> list[float | None]:
+    alpha = [k for k in h if k.startswith("conflict/alpha/")]
     return [
-        summary.method,
         _history_mean(h, ["cosine/mean"]),
         _history_mean(h, ["cosine/min"]),
         _history_mean(h, ["conflict/fraction"]),
         _history_mean(h, alpha, magnitude=True),
-        share,
-        equal,
+        *_fused_share(h),
     ]
+
+
+def diagnostics_row(summary: MethodSummary) -> list[str]:
+    """One row of the "what the aggregators saw" table: each figure is the mean over the logged
+    steps of one run, then the mean over the method's seeds (``seed_histories``; the summary's
+    own ``histories`` when that is empty)."""
+    per_seed = [_diagnostics(h) for h in (summary.seed_histories or [summary.histories])]
+    cells = []
+    for column in zip(*per_seed):
+        vals = [v for v in column if v is not None]
+        cells.append(fmt(float(np.mean(vals))) if vals else "–")
+    return [summary.method, *cells]
 
 
 # ---------------------------------------------------------------------------------- plots
