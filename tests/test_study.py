@@ -36,7 +36,7 @@ from segmerge.study import (
 from segmerge.study.budgets import get_budget, study_defaults
 from segmerge.study.cli import main, parse_args, parse_int_list
 from segmerge.study.evaluation import write_validation_datalist
-from segmerge.study.report import PLOT_FILES
+from segmerge.study.plots import PLOT_FILES
 from segmerge.study.runner import StudyError, cpu_cores
 from segmerge.study.scoring import trained_config
 

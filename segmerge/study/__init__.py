@@ -24,13 +24,8 @@ from segmerge.study.evaluation import (
     evaluate_model,
     write_validation_datalist,
 )
-from segmerge.study.report import (
-    MethodSummary,
-    method_means,
-    study_markdown,
-    study_statistics,
-    write_plots,
-)
+from segmerge.study.plots import write_plots
+from segmerge.study.report import MethodSummary, method_means, study_markdown, study_statistics
 from segmerge.study.runner import (
     Study,
     StudyError,

@@ -25,7 +25,7 @@ Output folder::
     methods/<m>/seed-<s>/train.json         written when training finished
     methods/<m>/seed-<s>/evaluation/        robustness.csv / robustness.md, evaluation.json
     methods/<m>/seed-<s>/result.json        written when the run is done: skipped on re-runs
-    results.md, results.json, plots/*.png   (see :mod:`segmerge.study.report`)
+    results.md, results.json, plots/*.png   (see :mod:`segmerge.study.report`, :mod:`segmerge.study.plots`)
 
 Re-running the same command resumes: finished runs are skipped, a run whose training was
 interrupted continues from its last checkpoint (same MLflow run), a trained but unevaluated run is
@@ -62,15 +62,9 @@ from segmerge.study.budgets import Budget
 from segmerge.study.common import StudyError, atomic_write_json
 from segmerge.study.evaluation import EvaluationResult
 from segmerge.study.folder import open_study_record, study_dataset, validation_cases
+from segmerge.study.plots import PLOT_FILES, write_plots
 from segmerge.study.processes import Processes, Stopped, pid_alive
-from segmerge.study.report import (
-    PLOT_FILES,
-    MethodSummary,
-    method_means,
-    study_markdown,
-    study_statistics,
-    write_plots,
-)
+from segmerge.study.report import MethodSummary, method_means, study_markdown, study_statistics
 from segmerge.study.scoring import Evaluator, weights_sha256
 from segmerge.study.tracking import StudyTracking
 from segmerge.study.training import Trainer, method_train_command, run_dir
