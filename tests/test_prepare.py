@@ -406,7 +406,6 @@ def test_deformable_refinement_keeps_or_improves_the_brain_mask(prepared, tmp_pa
     assert tfm.GetName() == "CompositeTransform"
 
 
-
 @pytest.mark.slow
 def test_clean_trained_model_segments_prepared_cases_like_clean_ones(tmp_path):
     """The issue's segmentation check, as `scripts/bench_prepare.py --model-check` runs it
@@ -415,7 +414,7 @@ def test_clean_trained_model_segments_prepared_cases_like_clean_ones(tmp_path):
     prepared cases is within 0.05 of the clean ones (measured -0.018; per case -0.073 to +0.038).
     The model must first segment the clean cases (mean WT Dice >= 0.75, measured 0.83): a model
     that finds nothing would pass the gap trivially. One torch thread: the figures are those of
-    the bench command, whatever the machine's core count (about 85 s here)."""
+    the bench command, whatever the machine's core count (about 70 s in the suite here)."""
     import torch
 
     from segmerge.prepare import modelcheck as mc

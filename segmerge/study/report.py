@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from segmerge.conventions import REGIONS
+from segmerge.objectives.names import FUSED, head_of
 from segmerge.study.evaluation import ALL_SEQUENCES, T1CE_MISSING, EvaluationResult
 from segmerge.study.stats import compare_with_reference, seed_interval
 
@@ -439,7 +440,8 @@ def study_markdown(
         lines += ["", "## What the aggregators saw over training (mean over seeds)", ""]
         lines += [
             "Means over the logged steps of each run, then over the seeds. cos: cosine between "
-            "objective gradients (mean and minimum over the pairs); conflicting: fraction of pairs with a negative cosine; "
+            "objective gradients (mean and minimum over the pairs); conflicting: fraction of "
+            "pairs with a negative cosine; "
             "mean abs α: mean magnitude of the method's conflict coefficients (GMD / PCGrad "
             "projections, GradCraft's weights of the conflicting pairs; 0 where it has none); "
             "fused share: the fused heads' part of the update weights (sum of their weights "
@@ -486,7 +488,7 @@ def _history_mean(h: Mapping[str, History], keys: Sequence[str], magnitude=False
 def _fused_share(h: Mapping[str, History]) -> tuple[float | None, float | None]:
     """Mean over steps of the fused heads' part of the weights, and its equal-weight value."""
     weights = {k[len("weight/") :]: dict(v) for k, v in h.items() if k.startswith("weight/")}
-    fused = [n for n in weights if n.startswith("fused")]
+    fused = [n for n in weights if head_of(n) == FUSED]
     if not (weights and fused):
         return None, None
     steps = sorted(set.intersection(*(set(w) for w in weights.values())))

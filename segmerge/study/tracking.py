@@ -20,7 +20,7 @@ from segmerge.study.report import MethodSummary
 __all__ = ["HISTORY_KEYS", "HISTORY_PREFIXES", "STUDY_TAG", "StudyTracking"]
 
 STUDY_TAG = "segmerge.study"
-# What the report's tables read back from each run (see segmerge.study.report.diagnostics_rows).
+# What the report's tables read back from each run (segmerge.study.report.diagnostics_row).
 HISTORY_KEYS = ("conflict/n_pairs", "conflict/fraction", "cosine/mean", "cosine/min")
 HISTORY_PREFIXES = ("ogr/", "weight/", "conflict/alpha/")
 
