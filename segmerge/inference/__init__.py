@@ -8,6 +8,8 @@ Commands::
     python -m segmerge evaluate --pred OUT --gt GT [--subsets all --model PATH --input IN]
 """
 
+# the public name of segmerge.atomic.write_text_atomic in this package (no wrapper of its own)
+from segmerge.atomic import write_text_atomic as atomic_write_text
 from segmerge.inference.bundle import build_predictor, default_config, load_bundle_config
 from segmerge.inference.cases import CaseInputs, case_id_from_path, discover_cases
 from segmerge.inference.evaluate import (
@@ -27,7 +29,6 @@ from segmerge.inference.predictor import (
     PredictionFailed,
     PredictionReport,
     atomic_save_nifti,
-    atomic_write_text,
     load_weights,
     probabilities_path,
 )

@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from segmerge.atomic import write_text_atomic
 from segmerge.conventions import (
     HD95_EMPTY,
     MODALITIES,
@@ -58,11 +59,7 @@ from segmerge.conventions import (
 )
 from segmerge.inference.cases import case_id_from_path, discover_cases
 from segmerge.inference.lesionwise import HD95_INF_AS, LESION_KEYS, lesion_metrics
-from segmerge.inference.predictor import (
-    PROBABILITIES_SUFFIX,
-    BratsPredictor,
-    atomic_write_text,
-)
+from segmerge.inference.predictor import PROBABILITIES_SUFFIX, BratsPredictor
 
 __all__ = [
     "CONVENTIONS",
@@ -344,7 +341,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> tuple[Pat
         {"case_id": "std", **std, "status": ""},
     ]
     csv_path, json_path = out_dir / "metrics.csv", out_dir / "metrics.json"
-    atomic_write_text(csv_path, _csv_text(rows, ["case_id", *result.keys, "status"]))
+    write_text_atomic(csv_path, _csv_text(rows, ["case_id", *result.keys, "status"]))
     content = {
         "metrics": result.metrics,
         "n_cases": len(result.rows),
@@ -358,7 +355,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> tuple[Pat
         "conventions": CONVENTIONS,
     }
     # strict JSON: NaN (official metrics of empty regions) is written as null
-    atomic_write_text(json_path, json.dumps(_json_safe(content), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(json_path, json.dumps(_json_safe(content), indent=2, allow_nan=False) + "\n")
     return csv_path, json_path
 
 
@@ -467,7 +464,7 @@ def write_robustness(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[P
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ["subset", "missing", "n_cases", *METRIC_KEYS]
     csv_path, md_path = out_dir / "robustness.csv", out_dir / "robustness.md"
-    atomic_write_text(csv_path, _csv_text(rows, columns))
+    write_text_atomic(csv_path, _csv_text(rows, columns))
     header = ["sequences", "missing", "cases"] + [f"Dice {r.upper()}" for r in REGIONS]
     header += [f"HD95 {r.upper()} (mm)" for r in REGIONS]
     lines = [
@@ -483,5 +480,5 @@ def write_robustness(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[P
             f"{row[k]:.2f}" for k in METRIC_KEYS[3:]
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    write_text_atomic(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path

@@ -41,7 +41,6 @@ __all__ = [
     "PredictionFailed",
     "load_weights",
     "atomic_save_nifti",
-    "atomic_write_text",
     "check_device",
     "probabilities_path",
 ]
@@ -84,11 +83,6 @@ def check_device(device: str | torch.device) -> torch.device:
                 f"device {device} requested but torch sees {torch.cuda.device_count()} CUDA device(s)"
             )
     return dev
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :mod:`segmerge.atomic`)."""
-    write_text_atomic(path, text)
 
 
 def atomic_save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
@@ -500,7 +494,7 @@ class BratsPredictor:
             "model_sha256": self._model_sha256(),
             "shape": list(grid),
         }
-        atomic_write_text(
+        write_text_atomic(
             inside(output_dir, f"{case.case_id}.json"), json.dumps(sidecar, indent=2) + "\n"
         )
 
